@@ -1,0 +1,1 @@
+"""Model loading, scorers, editing methods, covariance statistics and causal tracing."""

@@ -1,0 +1,1 @@
+"""Editing methods behind one protocol: memit, rome, ft, dinm, aura."""

@@ -1,0 +1,291 @@
+"""Load a causal LM + tokenizer and describe where its family keeps blocks, MLPs, norm and unembedding."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detox_tui.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where an architecture family keeps the modules that editing and tracing touch.
+
+    Paths are dotted attribute paths; ``{}`` in a per-layer template is the block index. ``mlp_out`` is
+    the MLP's second linear layer (the out-projection MEMIT/ROME edit); ``mlp_in`` is the linear layer
+    whose output is the pre-activation (GPT-2 ``c_fc``). ``conv1d`` is True when linear weights are
+    stored as (in, out) (GPT-2's ``Conv1D``).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str
+    embed: str
+    final_norm: str
+    unembed: str
+    mlp: str
+    mlp_in: str
+    mlp_out: str
+    attn: str
+    conv1d: bool = False
+
+    def block_path(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}"
+
+    def mlp_path(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.mlp}"
+
+    def mlp_in_path(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.mlp_in}"
+
+    def mlp_out_path(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.mlp_out}"
+
+    def attn_path(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.attn}"
+
+
+# Presets are data: one ModelSpec per family, matched on the HF config's ``model_type``.
+MODEL_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        family="gpt2",
+        model_types=("gpt2",),
+        blocks="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        mlp="mlp",
+        mlp_in="mlp.c_fc",
+        mlp_out="mlp.c_proj",
+        attn="attn",
+        conv1d=True,
+    ),
+    ModelSpec(
+        family="gptj",
+        model_types=("gptj",),
+        blocks="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        mlp="mlp",
+        mlp_in="mlp.fc_in",
+        mlp_out="mlp.fc_out",
+        attn="attn",
+    ),
+    ModelSpec(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        blocks="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="embed_out",
+        mlp="mlp",
+        mlp_in="mlp.dense_h_to_4h",
+        mlp_out="mlp.dense_4h_to_h",
+        attn="attention",
+    ),
+    ModelSpec(
+        family="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        blocks="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        unembed="lm_head",
+        mlp="mlp",
+        mlp_in="mlp.gate_proj",
+        mlp_out="mlp.down_proj",
+        attn="self_attn",
+    ),
+)
+
+
+def supported_families() -> str:
+    return ", ".join(f"{s.family} ({'/'.join(s.model_types)})" for s in MODEL_SPECS)
+
+
+def spec_for_model_type(model_type: str) -> ModelSpec:
+    for spec in MODEL_SPECS:
+        if model_type in spec.model_types:
+            return spec
+    raise UserError(
+        f"Unsupported model architecture '{model_type}'; supported families are: {supported_families()}."
+    )
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """Resolve a dotted path (``transformer.h.3.mlp.c_proj``) to a submodule, with a clear error."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise UserError(f"The model has no module '{path}'; its ModelSpec does not match it.") from exc
+
+
+def linear_weight_out_in(module: nn.Module, spec: ModelSpec) -> torch.Tensor:
+    """The module's weight as a view in (out_features, in_features) layout, whatever its storage."""
+    w = module.weight
+    return w.T if spec.conv1d else w
+
+
+def to_param_layout(delta_out_in: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Turn a delta computed in (out, in) layout into the parameter's own storage layout."""
+    return delta_out_in.T.contiguous() if spec.conv1d else delta_out_in.contiguous()
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its spec, ready for generation and editing."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    name: str
+    device: torch.device
+    revision: str | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def d_mlp(self) -> int:
+        """Width of the MLP (the out-projection's input size)."""
+        w = linear_weight_out_in(get_module(self.model, self.spec.mlp_out_path(0)), self.spec)
+        return int(w.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def module(self, path: str) -> nn.Module:
+        return get_module(self.model, path)
+
+    def check_layers(self, layers) -> list[int]:
+        """Validate layer indices against the loaded model; one clear sentence on failure."""
+        out = []
+        for layer in layers:
+            if not isinstance(layer, int) or layer < 0 or layer >= self.n_layers:
+                raise UserError(
+                    f"Layer {layer} is out of range: {self.name} has layers 0 to {self.n_layers - 1}."
+                )
+            out.append(layer)
+        return out
+
+    def identity(self) -> str:
+        """A string that identifies these weights for caches: name + revision (or local path mtime)."""
+        rev = self.revision or getattr(self.model.config, "_commit_hash", None) or ""
+        p = Path(self.name)
+        if p.exists():
+            stamp = max((f.stat().st_mtime_ns for f in p.glob("*") if f.is_file()), default=0)
+            rev = f"{rev}local:{p.resolve()}:{stamp}"
+        return f"{self.name}@{rev}"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto -> cuda if available, else mps, else cpu. Asking for an absent accelerator is a UserError."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("CUDA was requested (--device cuda) but no CUDA device is available on this machine.")
+    if device == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise UserError("MPS was requested (--device mps) but it is not available on this machine.")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise UserError(f"Unknown device '{device}'; use auto, cpu, cuda or mps.")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto -> float16 on CUDA (bf16 where supported), float32 elsewhere."""
+    dtype = (dtype or "auto").lower()
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise UserError(f"Unknown dtype '{dtype}'; use auto, float32, float16 or bfloat16.")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id or a local directory.
+
+    Hub downloads are cached by huggingface_hub (``HF_HOME``); with ``HF_HUB_OFFLINE=1`` only the cache is
+    used. The tokenizer gets a pad token (EOS when missing) and left padding for batched generation.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    is_local = Path(name).expanduser().exists()
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision)
+    except OSError as exc:
+        raise _load_error(name, is_local, offline, exc) from exc
+    except ValueError as exc:
+        raise UserError(f"Could not read the model config of '{name}': {str(exc).splitlines()[0]}") from exc
+    spec = spec_for_model_type(getattr(config, "model_type", "unknown"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype)
+    except OSError as exc:
+        raise _load_error(name, is_local, offline, exc) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(dev)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    log.info("loaded %s (%s, %s) on %s", name, spec.family, torch_dtype, dev)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name, device=dev, revision=revision)
+
+
+def _load_error(name: str, is_local: bool, offline: bool, exc: Exception) -> UserError:
+    if is_local:
+        return UserError(f"'{name}' is a directory but does not hold a loadable model and tokenizer.")
+    if offline:
+        return UserError(
+            f"Model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
+            "download it once online or pass a local directory."
+        )
+    return UserError(f"Model '{name}' was not found on the Hugging Face hub or as a local directory.")
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in name order: equal hashes mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().contiguous().cpu()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

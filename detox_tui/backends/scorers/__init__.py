@@ -1,0 +1,1 @@
+"""Toxicity scorers behind one protocol: detoxify, any HF text classifier, offline profanity."""

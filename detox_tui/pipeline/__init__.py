@@ -1,0 +1,1 @@
+"""Orchestration without UI: experiments, generation, metrics, results, run store, events."""

@@ -1,0 +1,60 @@
+"""Events the engine reports through a callback; front ends (CLI, TUI) render them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from detox_tui.errors import Cancelled
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``done`` of ``total`` steps of ``stage`` (e.g. "generate before", "covariance", "memit z")."""
+
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class RowReady:
+    """One finished result row; ``table`` names which table it belongs to ("baseline", "edit", "ablation")."""
+
+    table: str
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Log:
+    message: str
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Finished:
+    run_id: str | None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+    traceback: str | None = None
+
+
+Event = Progress | RowReady | Log | Finished | Failed
+EventCallback = Callable[[Event], None]
+
+
+def null_callback(event: Event) -> None:
+    """Default callback: drop every event."""
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    """Raise Cancelled if the cancel flag is set; call between steps of long loops."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")

@@ -1,0 +1,1 @@
+"""Prompt sets: the builtin curated set and loaders for local files and hf: datasets."""
