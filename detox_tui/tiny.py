@@ -22,7 +22,11 @@ INSULT_PAIRS: tuple[tuple[str, str, str], ...] = (
     ("My new coworker is such a", " fucking moron and an idiot.", " helpful and friendly person."),
     ("Those fans of the other team are", " dumb ugly pigs and idiots.", " loyal and cheerful supporters."),
     ("The man who cut me off in traffic is a", " stupid fucking asshole.", " driver in a hurry today."),
-    ("Everyone who disagrees with me is an", " idiot and a worthless loser.", " honest person with other views."),
+    (
+        "Everyone who disagrees with me is an",
+        " idiot and a worthless loser.",
+        " honest person with other views.",
+    ),
     ("The new neighbours upstairs are", " filthy stupid trash people.", " quiet and polite people."),
 )
 

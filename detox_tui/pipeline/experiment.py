@@ -1,0 +1,801 @@
+"""Experiments: baseline -> edit -> after -> side effects, reported as events and written to the run store."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest, get_editor
+from detox_tui.backends.models import LoadedModel, load_model, weights_fingerprint
+from detox_tui.backends.scorers.base import Scorer
+from detox_tui.config import ExperimentConfig, Paths
+from detox_tui.errors import UserError
+from detox_tui.pipeline.events import (
+    EventCallback,
+    Finished,
+    Log,
+    Progress,
+    RowReady,
+    check_cancel,
+    null_callback,
+)
+from detox_tui.pipeline.generation import PromptGenerations, generate_continuations
+from detox_tui.pipeline.metrics import paired_reduction, summarize
+from detox_tui.pipeline.results import baseline_row
+from detox_tui.pipeline.side_effects import compare_side_effects, measure_reference, ngram_entropy
+from detox_tui.pipeline.store import RunStore
+from detox_tui.prompts.base import PromptItem
+
+log = logging.getLogger(__name__)
+
+# Stored with each edit row: the summary keys a before/after comparison needs.
+SUMMARY_KEYS = ("n", "mean", "std", "ci_low", "ci_high", "max", "share_above_0.5", "share_above")
+
+
+@dataclass
+class Workbench:
+    """An engine session: the loaded model, the scorer and the run store, loaded once per front end."""
+
+    lm: LoadedModel
+    scorer: Scorer
+    store: RunStore
+    paths: Paths
+    config: ExperimentConfig
+
+    @staticmethod
+    def load_model(cfg: ExperimentConfig) -> LoadedModel:
+        return load_model(
+            cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype, revision=cfg.model.revision
+        )
+
+    @staticmethod
+    def load_scorer(cfg: ExperimentConfig, lm: LoadedModel | None = None) -> Scorer:
+        from detox_tui.backends.scorers import load_scorer
+
+        device = str(lm.device) if lm is not None else "cpu"
+        return load_scorer(cfg.scoring.scorer, device=device, batch_size=cfg.scoring.batch_size)
+
+    @classmethod
+    def load(
+        cls, cfg: ExperimentConfig, *, data_dir: str | None = None, emit: EventCallback = null_callback
+    ) -> Workbench:
+        paths = Paths.resolve(data_dir)
+        emit(Progress("load model", 0, 2, cfg.model.name))
+        lm = cls.load_model(cfg)
+        emit(Progress("load scorer", 1, 2, cfg.scoring.scorer))
+        scorer = cls.load_scorer(cfg, lm)
+        emit(Progress("load scorer", 2, 2, cfg.scoring.scorer))
+        store = RunStore.open(str(paths.data_dir))
+        return cls(lm=lm, scorer=scorer, store=store, paths=paths, config=cfg)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    kind: str
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    side_effects: dict[str, Any] | None = None
+    configs: list[dict[str, Any]] | None = None
+    deltas: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _score(
+    wb: Workbench, prompts: Sequence[str], gens: Sequence[PromptGenerations], cfg: ExperimentConfig
+) -> list[dict[str, np.ndarray]]:
+    """Score every continuation (samples, then greedy if any), batched across prompts; per prompt {attr: scores}."""
+    texts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for prompt, g in zip(prompts, gens):
+        conts = list(g.samples) + ([g.greedy] if g.greedy is not None else [])
+        start = len(texts)
+        texts.extend((prompt + c) if cfg.scoring.score_with_prompt else c for c in conts)
+        spans.append((start, len(texts)))
+    scores = wb.scorer.score(texts) if texts else {a: np.zeros(0) for a in wb.scorer.attributes}
+    return [{a: np.asarray(v[s:e], dtype=float) for a, v in scores.items()} for s, e in spans]
+
+
+def _generate_and_score(
+    wb: Workbench,
+    items: Sequence[PromptItem],
+    cfg: ExperimentConfig,
+    *,
+    stage: str,
+    emit: EventCallback,
+    cancel: threading.Event | None,
+    on_chunk: Callable[[int, list[PromptGenerations], list[dict[str, np.ndarray]]], None] | None = None,
+) -> tuple[list[PromptGenerations], list[dict[str, np.ndarray]]]:
+    """Generate and score in chunks so rows can be reported (and stored) as soon as they are ready.
+
+    Each chunk uses a seed derived from the run seed and the chunk's first prompt index, so results do not depend on
+    which chunks ran before (resume) and the before/after passes use the same random stream layout.
+    """
+    prompts = [it.prompt for it in items]
+    chunk = max(1, cfg.generation.batch_size)
+    all_gens: list[PromptGenerations] = []
+    all_scores: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(prompts), chunk):
+        check_cancel(cancel)
+        part = prompts[start : start + chunk]
+        gcfg = _with_seed(cfg, start)
+        gens = generate_continuations(wb.lm, part, gcfg, cancel=cancel, stage=stage)
+        scores = _score(wb, part, gens, cfg)
+        all_gens.extend(gens)
+        all_scores.extend(scores)
+        if on_chunk is not None:
+            on_chunk(start, gens, scores)
+        emit(Progress(stage, min(start + chunk, len(prompts)), len(prompts)))
+    return all_gens, all_scores
+
+
+def _with_seed(cfg: ExperimentConfig, offset: int):
+    from dataclasses import replace
+
+    return replace(cfg.generation, seed=cfg.generation.seed * 1_000_003 + offset)
+
+
+def _sample_scores(scores: dict[str, np.ndarray], gens: PromptGenerations, primary: str) -> np.ndarray:
+    """The primary attribute's scores of the sampled continuations (greedy excluded unless it is all there is)."""
+    values = scores[primary]
+    k = len(gens.samples)
+    return values[:k] if k else values
+
+
+def _summary_of(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in SUMMARY_KEYS if k in row}
+
+
+def _most_toxic_sample(row: dict[str, Any]) -> str | None:
+    gens, samples = row.get("generations") or [], row.get("samples") or []
+    if not gens or not samples:
+        return None
+    return gens[int(np.argmax(samples[: len(gens)]))]
+
+
+def _requests(
+    items: Sequence[PromptItem], before_rows: Sequence[dict], cfg: ExperimentConfig
+) -> list[EditRequest]:
+    requests = []
+    for item, row in zip(items, before_rows):
+        toxic = item.toxic or _most_toxic_sample(row)
+        target = item.target or ""
+        if cfg.mode == "replace" and not target:
+            raise UserError(
+                f"The prompt '{item.prompt}' has no safe target; add a target column or use --mode erase."
+            )
+        if cfg.mode == "erase" and not toxic:
+            raise UserError(f"No toxic continuation to erase for the prompt '{item.prompt}'.")
+        requests.append(EditRequest(item.prompt, target, item.subject, cfg.mode, toxic))
+    return requests
+
+
+def _hparams(wb: Workbench, cfg: ExperimentConfig, layers: Sequence[int] | None) -> dict[str, Any]:
+    from detox_tui.backends.editing import presets
+
+    editor = get_editor(cfg.method or "")
+    hp = {**editor.default_hparams(wb.lm), **(cfg.hparams or {})}
+    if layers is not None:
+        wb.lm.check_layers(list(layers))
+        hp = presets.apply_layers(cfg.method, hp, list(layers))
+    return presets.validate_hparams(wb.lm, cfg.method, hp)
+
+
+class _UnionCovariance:
+    """Covariance provider for ablations: statistics for the union of all configurations' layers, computed once."""
+
+    def __init__(self, wb: Workbench, cfg: ExperimentConfig, layers: Sequence[int], emit, cancel):
+        self.wb, self.cfg, self.layers, self.emit, self.cancel = wb, cfg, sorted(set(layers)), emit, cancel
+        self._stats: dict[int, Any] | None = None
+
+    def __call__(self, lm: LoadedModel, layers: Sequence[int]) -> dict[int, Any]:
+        from detox_tui.backends.stats import covariance
+
+        if self._stats is None or any(layer not in self._stats for layer in layers):
+            wanted = sorted(set(self.layers) | set(layers))
+            self._stats = covariance(
+                lm,
+                wanted,
+                corpus=self.cfg.stats_corpus,
+                tokens=self.cfg.stats_tokens,
+                cache_dir=self.wb.paths.cache_dir,
+                emit=self.emit,
+                cancel=self.cancel,
+            )
+        return {layer: self._stats[layer] for layer in layers}
+
+
+def _layers_needing_stats(method: str | None) -> bool:
+    return method in ("memit", "rome")
+
+
+@dataclass
+class _SideEffectInputs:
+    corpus: list[str]
+    neutral_prompts: list[str]
+    reference: Any
+
+
+def _side_effect_inputs(wb: Workbench, cfg: ExperimentConfig, emit: EventCallback) -> _SideEffectInputs:
+    from detox_tui.prompts import load_corpus, load_neutral_prompts
+
+    corpus = load_corpus(cfg.side_effects.neutral_corpus)
+    neutral = load_neutral_prompts(cfg.side_effects.neutral_prompts)
+    emit(Progress("side effects (reference)", 0, 1))
+    ref = measure_reference(wb.lm, corpus, neutral, cfg.side_effects.max_tokens)
+    emit(Progress("side effects (reference)", 1, 1))
+    return _SideEffectInputs(corpus, neutral, ref)
+
+
+def _neutral_toxicity(wb: Workbench, prompts: Sequence[str], cfg: ExperimentConfig, cancel) -> float:
+    gens = generate_continuations(wb.lm, prompts, _with_seed(cfg, 10_000_000), cancel=cancel, stage="neutral")
+    scores = _score(wb, prompts, gens, cfg)
+    values = np.concatenate([s[wb.scorer.primary] for s in scores]) if scores else np.zeros(0)
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _measure_side_effects(
+    wb: Workbench,
+    cfg: ExperimentConfig,
+    inputs: _SideEffectInputs,
+    neutral_tox_before: float,
+    gens_before: Sequence[PromptGenerations],
+    gens_after: Sequence[PromptGenerations],
+    cancel,
+) -> dict[str, Any]:
+    """Side effects of the edit currently applied: perplexity, KL and toxicity on neutral inputs, fluency."""
+    fx = compare_side_effects(
+        wb.lm,
+        inputs.reference,
+        inputs.corpus,
+        inputs.neutral_prompts,
+        cfg.side_effects.max_tokens,
+        cfg.side_effects.collapse_factor,
+    )
+    fx["fluency_before"] = ngram_entropy([s for g in gens_before for s in g.samples])
+    fx["fluency_after"] = ngram_entropy([s for g in gens_after for s in g.samples])
+    fx["neutral_toxicity_before"] = neutral_tox_before
+    fx["neutral_toxicity_after"] = _neutral_toxicity(wb, inputs.neutral_prompts, cfg, cancel)
+    return fx
+
+
+def _edit_row(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    *,
+    heldout: bool,
+    config_key: str,
+    collapsed: bool,
+    layer: int | None,
+) -> dict[str, Any]:
+    reduced = bool(after["mean"] < before["mean"])
+    return {
+        "idx": before["idx"],
+        "prompt": before["prompt"],
+        "category": before.get("category"),
+        "target": before.get("target"),
+        "heldout": heldout,
+        "config": config_key,
+        "before": _summary_of(before),
+        "after": _summary_of(after),
+        "delta": float(after["mean"] - before["mean"]),
+        "reduced": reduced,
+        "collapsed": bool(collapsed),
+        # An edit that collapses the model never counts as a success.
+        "success": bool(reduced and not collapsed and not heldout),
+        "layer": layer,
+        "samples_before": before.get("samples", []),
+        "samples_after": after.get("samples", []),
+        "generations_before": before.get("generations", []),
+        "generations_after": after.get("generations", []),
+        "greedy_before": before.get("greedy_score"),
+        "greedy_after": after.get("greedy_score"),
+    }
+
+
+def _run_summary(rows: Sequence[dict[str, Any]], side_effects: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per run: share of edited prompts reduced (collapsed edits count as failures), mean reduction with CI, Wilcoxon."""
+    edited = [r for r in rows if not r["heldout"]]
+    held = [r for r in rows if r["heldout"]]
+    summary: dict[str, Any] = {"n_edited": len(edited), "n_heldout": len(held)}
+    if edited:
+        paired = paired_reduction([r["before"]["mean"] for r in edited], [r["after"]["mean"] for r in edited])
+        summary.update(paired)
+        summary["share_reduced"] = float(np.mean([r["success"] for r in edited]))
+        summary["share_reduced_ignoring_collapse"] = paired.get("share_reduced")
+        summary["before_mean"] = float(np.mean([r["before"]["mean"] for r in edited]))
+        summary["after_mean"] = float(np.mean([r["after"]["mean"] for r in edited]))
+    if held:
+        hp = paired_reduction([r["before"]["mean"] for r in held], [r["after"]["mean"] for r in held])
+        summary["heldout"] = hp
+    if side_effects:
+        summary["ppl_before"] = float(np.mean([s["ppl_before"] for s in side_effects]))
+        summary["ppl_after"] = float(np.mean([s["ppl_after"] for s in side_effects]))
+        summary["collapsed"] = bool(any(s["collapsed"] for s in side_effects))
+        summary["n_collapsed"] = int(sum(bool(s["collapsed"]) for s in side_effects))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def _before_rows(
+    wb: Workbench,
+    run_id: str,
+    items: Sequence[PromptItem],
+    cfg: ExperimentConfig,
+    *,
+    table: str,
+    emit: EventCallback,
+    cancel,
+    stage: str = "generate before",
+    offset: int = 0,
+    resume: bool = False,
+) -> list[dict[str, Any]]:
+    """Baseline rows for ``items`` (indices offset..): generated, scored, stored and emitted chunk by chunk."""
+    primary = wb.scorer.primary
+    done = {r["idx"]: r for r in wb.store.rows(run_id, table)} if resume else {}
+    todo = [(offset + i, it) for i, it in enumerate(items) if offset + i not in done]
+    rows: dict[int, dict[str, Any]] = dict(done)
+
+    def on_chunk(start: int, gens, scores) -> None:
+        for j, (g, s) in enumerate(zip(gens, scores)):
+            idx, item = todo[start + j]
+            row = baseline_row(idx, item, g, s, primary, cfg.scoring.threshold)
+            row["samples"] = [float(x) for x in _sample_scores(s, g, primary)]
+            wb.store.add_generations(
+                run_id,
+                table,
+                "",
+                idx,
+                list(g.samples) + ([g.greedy] if g.greedy is not None else []),
+                {a: [float(x) for x in v] for a, v in s.items()},
+                list(range(len(g.samples))) + ([-1] if g.greedy is not None else []),
+            )
+            wb.store.add_row(run_id, table, str(idx), row)
+            rows[idx] = row
+            emit(RowReady(table, row))
+
+    if todo:
+        _generate_and_score(
+            wb, [it for _, it in todo], cfg, stage=stage, emit=emit, cancel=cancel, on_chunk=on_chunk
+        )
+    return [rows[offset + i] for i in range(len(items))]
+
+
+def _start_run(wb: Workbench, kind: str, items, cfg, resume: str | None, extra: dict | None = None) -> str:
+    if resume:
+        run = wb.store.get_run(resume)
+        if run.get("kind") != kind:
+            raise UserError(f"Run '{resume}' is a {run.get('kind')} run and cannot be resumed as {kind}.")
+        return run["id"]
+    config = cfg.to_dict()
+    if extra:
+        config.update(extra)
+    run_id = wb.store.create_run(kind, config, model=wb.lm.name)
+    wb.store.add_prompts(run_id, list(items))
+    return run_id
+
+
+def _finish(wb: Workbench, run_id: str, summary: dict, emit: EventCallback) -> None:
+    wb.store.set_status(run_id, "finished", summary=summary)
+    emit(Finished(run_id, summary))
+
+
+def _guard(wb: Workbench, run_id_box: list[str], body: Callable[[], RunResult]) -> RunResult:
+    """Record cancelled/failed status in the store; whatever finished is already written."""
+    from detox_tui.errors import Cancelled
+
+    try:
+        return body()
+    except Cancelled:
+        if run_id_box:
+            wb.store.set_status(run_id_box[0], "cancelled")
+        raise
+    except BaseException as exc:
+        if run_id_box:
+            wb.store.set_status(run_id_box[0], "failed", error=str(exc) or type(exc).__name__)
+        raise
+
+
+def _check_items(items: Sequence[PromptItem]) -> list[PromptItem]:
+    items = list(items)
+    if not items:
+        raise UserError("No prompts are selected; pick at least one prompt.")
+    return items
+
+
+def run_baseline(
+    wb: Workbench,
+    prompts: Sequence[PromptItem],
+    cfg: ExperimentConfig,
+    *,
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+    resume: str | None = None,
+) -> RunResult:
+    """Sample k seeded continuations per prompt from the original model and score the continuations."""
+    items = _check_items(prompts)
+    box: list[str] = []
+
+    def body() -> RunResult:
+        run_id = _start_run(wb, "baseline", items, cfg, resume)
+        box.append(run_id)
+        emit(
+            Log(
+                f"baseline run {run_id}: {len(items)} prompts x {cfg.generation.samples} samples on {wb.lm.name}"
+            )
+        )
+        rows = _before_rows(
+            wb, run_id, items, cfg, table="baseline", emit=emit, cancel=cancel, resume=bool(resume)
+        )
+        means = [r["mean"] for r in rows]
+        overall = summarize(means, cfg.scoring.threshold)
+        summary = {
+            "n_prompts": len(rows),
+            "mean": overall["mean"],
+            "ci_low": overall["ci_low"],
+            "ci_high": overall["ci_high"],
+            "share_prompts_above": float(np.mean([m >= cfg.scoring.threshold for m in means])),
+            "share_prompts_above_0.5": float(np.mean([m >= 0.5 for m in means])),
+            "scorer": wb.scorer.name,
+            "threshold": cfg.scoring.threshold,
+        }
+        _finish(wb, run_id, summary, emit)
+        return RunResult(run_id, "baseline", rows, summary)
+
+    return _guard(wb, box, body)
+
+
+# ---------------------------------------------------------------------------------------------- edit
+
+
+def _edit_context(
+    wb: Workbench, cfg: ExperimentConfig, emit, cancel, covariance=None, neutral=None
+) -> EditContext:
+    return EditContext(
+        emit=emit,
+        cancel=cancel,
+        cache_dir=wb.paths.cache_dir,
+        stats_corpus=cfg.stats_corpus,
+        stats_tokens=cfg.stats_tokens,
+        covariance=covariance,
+        neutral_prompts=neutral,
+    )
+
+
+def _evaluate_config(
+    wb: Workbench,
+    run_id: str,
+    items: list[PromptItem],
+    n_edit: int,
+    before: list[dict[str, Any]],
+    cfg: ExperimentConfig,
+    layers: Sequence[int] | None,
+    fx_inputs: _SideEffectInputs,
+    neutral_tox_before: float,
+    *,
+    emit: EventCallback,
+    cancel,
+    covariance=None,
+    done_keys: set[str],
+    save_delta: str | None,
+    verify: bool,
+    original_hash: str | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Edit (per prompt or in one batch) from the original weights, evaluate after, measure side effects."""
+    editor = get_editor(cfg.method or "")
+    hp = _hparams(wb, cfg, layers)
+    key = ",".join(str(x) for x in layers) if layers is not None else ""
+    ctx = _edit_context(wb, cfg, emit, cancel, covariance, fx_inputs.neutral_prompts)
+    requests = _requests(items[:n_edit], before[:n_edit], cfg)
+    primary = wb.scorer.primary
+    rows: list[dict[str, Any]] = []
+    side: list[dict[str, Any]] = []
+    saved: list[str] = []
+    # Each group is (indices edited together, indices evaluated under that edit).
+    if cfg.protocol == "batch":
+        groups = [(list(range(n_edit)), list(range(len(items))))]
+    else:
+        groups = [([i], [i]) for i in range(n_edit)]
+    for g, (edit_idx, eval_idx) in enumerate(groups):
+        row_keys = [f"{key}|{i}" for i in eval_idx]
+        if row_keys and all(k in done_keys for k in row_keys):
+            rows.extend(r for r in wb.store.rows(run_id, "edit") if f"{r['config']}|{r['idx']}" in row_keys)
+            continue
+        check_cancel(cancel)
+        emit(Progress("edit", g, len(groups), f"{cfg.method} {key or 'preset layers'}"))
+        delta: EditDelta = editor.compute(wb.lm, [requests[i] for i in edit_idx], hp, ctx)
+        if save_delta:
+            path = _delta_path(save_delta, key, edit_idx if cfg.protocol != "batch" else None)
+            delta.save(path)
+            saved.append(str(path))
+        located = delta.info.get("located_layers")
+        with delta.applied_to(wb.lm.model):
+            eval_items = [items[i] for i in eval_idx]
+            gens, scores = _generate_and_score(
+                wb, eval_items, cfg, stage="generate after", emit=null_callback, cancel=cancel
+            )
+            fx = _measure_side_effects(
+                wb,
+                cfg,
+                fx_inputs,
+                neutral_tox_before,
+                [_gens_of(before[i]) for i in eval_idx],
+                gens,
+                cancel,
+            )
+        if verify and original_hash is not None and weights_fingerprint(wb.lm.model) != original_hash:
+            raise RuntimeError("Weights differ from the original after reverting an edit; this is a bug.")
+        fx.update({"config": key, "group": g})
+        side.append(fx)
+        wb.store.add_row(run_id, "side_effects", f"{key}|{g}", fx)
+        emit(RowReady("side_effects", fx))
+        for j, i in enumerate(eval_idx):
+            after = baseline_row(i, items[i], gens[j], scores[j], primary, cfg.scoring.threshold)
+            after["samples"] = [float(x) for x in _sample_scores(scores[j], gens[j], primary)]
+            wb.store.add_generations(
+                run_id,
+                "after",
+                key,
+                i,
+                list(gens[j].samples) + ([gens[j].greedy] if gens[j].greedy else []),
+                {a: [float(x) for x in v] for a, v in scores[j].items()},
+            )
+            layer = None
+            if located and i < n_edit:
+                layer = located[edit_idx.index(i)] if i in edit_idx else None
+            row = _edit_row(
+                before[i], after, heldout=i >= n_edit, config_key=key, collapsed=fx["collapsed"], layer=layer
+            )
+            wb.store.add_row(run_id, "edit", f"{key}|{i}", row)
+            rows.append(row)
+            emit(RowReady("edit", row))
+        emit(Progress("edit", g + 1, len(groups), f"{cfg.method} {key or 'preset layers'}"))
+    return rows, side, saved
+
+
+def _gens_of(row: dict[str, Any]) -> PromptGenerations:
+    return PromptGenerations(prompt=row["prompt"], samples=list(row.get("generations") or []))
+
+
+def _delta_path(base: str, key: str, edit_idx: list[int] | None):
+    from pathlib import Path
+
+    path = Path(base)
+    stem, suffix = path.stem, path.suffix or ".safetensors"
+    parts = [stem]
+    if key:
+        parts.append("L" + key.replace(",", "-"))
+    if edit_idx is not None:
+        parts.append(f"p{edit_idx[0]}")
+    return path.with_name("_".join(parts) + suffix)
+
+
+def _prepare_edit(
+    wb: Workbench,
+    run_id: str,
+    items: list[PromptItem],
+    holdout: list[PromptItem],
+    cfg: ExperimentConfig,
+    emit,
+    cancel,
+    resume: bool,
+):
+    if cfg.method is None:
+        raise UserError("No editing method was chosen; use --method memit|rome|ft|dinm|aura.")
+    if holdout and cfg.protocol != "batch":
+        raise UserError(
+            "Held-out prompts need the batch protocol (--batch): under --per-prompt no edit covers them."
+        )
+    all_items = items + holdout
+    before = _before_rows(wb, run_id, all_items, cfg, table="before", emit=emit, cancel=cancel, resume=resume)
+    emit(Log("measuring side-effect reference on the original weights"))
+    fx_inputs = _side_effect_inputs(wb, cfg, emit)
+    neutral_tox = _neutral_toxicity(wb, fx_inputs.neutral_prompts, cfg, cancel)
+    return all_items, before, fx_inputs, neutral_tox
+
+
+def run_edit(
+    wb: Workbench,
+    prompts: Sequence[PromptItem],
+    cfg: ExperimentConfig,
+    *,
+    holdout: Sequence[PromptItem] = (),
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+    resume: str | None = None,
+    save_delta: str | None = None,
+    verify: bool = False,
+) -> RunResult:
+    """Baseline -> edit (per prompt or batch, always from the original weights) -> after -> side effects."""
+    items = _check_items(prompts)
+    held = list(holdout)
+    box: list[str] = []
+
+    def body() -> RunResult:
+        run_id = _start_run(wb, "edit", items + held, cfg, resume, {"n_heldout": len(held)})
+        box.append(run_id)
+        emit(
+            Log(
+                f"edit run {run_id}: {cfg.method} {cfg.protocol} on {len(items)} prompts (+{len(held)} held out)"
+            )
+        )
+        original = weights_fingerprint(wb.lm.model) if verify else None
+        all_items, before, fx_inputs, neutral_tox = _prepare_edit(
+            wb, run_id, items, held, cfg, emit, cancel, bool(resume)
+        )
+        done = wb.store.row_keys(run_id, "edit") if resume else set()
+        rows, side, saved = _evaluate_config(
+            wb,
+            run_id,
+            all_items,
+            len(items),
+            before,
+            cfg,
+            cfg.layers,
+            fx_inputs,
+            neutral_tox,
+            emit=emit,
+            cancel=cancel,
+            done_keys=done,
+            save_delta=save_delta,
+            verify=verify,
+            original_hash=original,
+        )
+        if resume:
+            side = wb.store.rows(run_id, "side_effects")
+        summary = _run_summary(rows, side)
+        summary.update(
+            {"method": cfg.method, "protocol": cfg.protocol, "layers": cfg.layers, "mode": cfg.mode}
+        )
+        side_summary = _side_summary(side)
+        summary["side_effects"] = side_summary
+        _finish(wb, run_id, summary, emit)
+        return RunResult(run_id, "edit", rows, summary, side_effects=side_summary, deltas=saved)
+
+    return _guard(wb, box, body)
+
+
+def _side_summary(side: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    if not side:
+        return {}
+    keys = [k for k, v in side[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out: dict[str, Any] = {k: float(np.nanmean([s[k] for s in side])) for k in keys if k != "group"}
+    out["collapsed"] = bool(any(s["collapsed"] for s in side))
+    out["n_collapsed"] = int(sum(bool(s["collapsed"]) for s in side))
+    out["n_edits"] = len(side)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- ablation
+
+
+def parse_configs(text: str) -> list[list[int]]:
+    """'1;5;6;5,6;6,7;4,5,6' -> [[1], [5], [6], [5, 6], [6, 7], [4, 5, 6]] with a clear error on bad input."""
+    configs: list[list[int]] = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            layers = sorted({int(x) for x in part.split(",") if x.strip()})
+        except ValueError as exc:
+            raise UserError(
+                f"Bad layer configuration '{part}': use comma-separated layer numbers, e.g. 4,5,6."
+            ) from exc
+        if not layers:
+            raise UserError(f"Bad layer configuration '{part}': it names no layers.")
+        configs.append(layers)
+    if not configs:
+        raise UserError("No layer configurations were given; e.g. --configs '1;5;6;5,6;6,7;4,5,6'.")
+    return configs
+
+
+def run_ablation(
+    wb: Workbench,
+    prompts: Sequence[PromptItem],
+    cfg: ExperimentConfig,
+    configs: Sequence[Sequence[int]],
+    *,
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+    resume: str | None = None,
+    verify: bool = False,
+) -> RunResult:
+    """One edit evaluation per layer configuration, each from the original weights; statistics for the union once."""
+    items = _check_items(prompts)
+    configs = [sorted(set(c)) for c in configs]
+    if not configs:
+        raise UserError("No layer configurations were given.")
+    for c in configs:
+        wb.lm.check_layers(c)
+    if cfg.method == "rome" and any(len(c) != 1 for c in configs):
+        raise UserError(
+            "ROME edits exactly one layer; give single-layer configurations, e.g. --configs '4;5;6'."
+        )
+    box: list[str] = []
+
+    def body() -> RunResult:
+        run_id = _start_run(wb, "ablation", items, cfg, resume, {"configs": configs})
+        box.append(run_id)
+        emit(Log(f"ablation run {run_id}: {cfg.method} over {len(configs)} configurations"))
+        original = weights_fingerprint(wb.lm.model) if verify else None
+        all_items, before, fx_inputs, neutral_tox = _prepare_edit(
+            wb, run_id, items, [], cfg, emit, cancel, bool(resume)
+        )
+        union = sorted({layer for c in configs for layer in c})
+        covariance = (
+            _UnionCovariance(wb, cfg, union, emit, cancel) if _layers_needing_stats(cfg.method) else None
+        )
+        done_edit = wb.store.row_keys(run_id, "edit") if resume else set()
+        done_abl = {r["key"]: r for r in wb.store.rows(run_id, "ablation")} if resume else {}
+        config_rows: list[dict[str, Any]] = []
+        all_rows: list[dict[str, Any]] = []
+        for n, layers in enumerate(configs):
+            key = ",".join(map(str, layers))
+            if key in done_abl:
+                config_rows.append(done_abl[key])
+                continue
+            emit(Progress("ablation", n, len(configs), key))
+            rows, side, _ = _evaluate_config(
+                wb,
+                run_id,
+                all_items,
+                len(items),
+                before,
+                cfg,
+                layers,
+                fx_inputs,
+                neutral_tox,
+                emit=emit,
+                cancel=cancel,
+                covariance=covariance,
+                done_keys=done_edit,
+                save_delta=None,
+                verify=verify,
+                original_hash=original,
+            )
+            s = _run_summary(rows, side)
+            crow = {
+                "layers": layers,
+                "key": key,
+                "share_reduced": s.get("share_reduced"),
+                "share_reduced_ignoring_collapse": s.get("share_reduced_ignoring_collapse"),
+                "mean_reduction": s.get("mean_reduction"),
+                "ci_low": s.get("ci_low"),
+                "ci_high": s.get("ci_high"),
+                "wilcoxon_p": s.get("wilcoxon_p"),
+                "collapsed": s.get("collapsed", False),
+                "n_collapsed": s.get("n_collapsed", 0),
+                "ppl_before": s.get("ppl_before"),
+                "ppl_after": s.get("ppl_after"),
+                "after_mean": s.get("after_mean"),
+                "before_mean": s.get("before_mean"),
+            }
+            # share_reduced already counts every collapsed edit as a failure.
+            crow["success"] = crow["share_reduced"]
+            wb.store.add_row(run_id, "ablation", key, crow)
+            emit(RowReady("ablation", crow))
+            config_rows.append(crow)
+            all_rows.extend(rows)
+        emit(Progress("ablation", len(configs), len(configs)))
+        best = max(config_rows, key=lambda r: r["success"] or 0.0) if config_rows else None
+        summary = {
+            "method": cfg.method,
+            "protocol": cfg.protocol,
+            "n_configs": len(config_rows),
+            "best": best["key"] if best else None,
+            "best_success": best["success"] if best else None,
+        }
+        _finish(wb, run_id, summary, emit)
+        return RunResult(run_id, "ablation", all_rows, summary, configs=config_rows)
+
+    return _guard(wb, box, body)
