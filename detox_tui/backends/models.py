@@ -244,6 +244,8 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     is_local = Path(name).expanduser().exists()
+    if not is_local and (name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name):
+        raise UserError(f"The model directory '{name}' does not exist.")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         config = AutoConfig.from_pretrained(name, revision=revision)
