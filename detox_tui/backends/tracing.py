@@ -1,0 +1,289 @@
+"""Causal tracing: where in layers x tokens a model decides a (toxic) continuation (Meng et al. 2022)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from detox_tui.errors import UserError
+from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
+
+log = logging.getLogger(__name__)
+
+KINDS = ("hidden", "mlp", "attn")
+
+
+@dataclass
+class TraceResult:
+    """Indirect effects of restoring clean states, one row per layer and one column per prompt token.
+
+    ``scores[l, t] = p_restored - p_corrupted`` where p is the probability of the whole continuation
+    (product over its teacher-forced tokens). ``window`` is the number of layers restored per cell
+    (always 1 for ``hidden``).
+    """
+
+    tokens: list[str]
+    layers: int
+    scores: np.ndarray
+    p_clean: float
+    p_corrupted: float
+    continuation: str
+    kind: str
+    window: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": list(self.tokens),
+            "layers": int(self.layers),
+            "scores": [[float(v) for v in row] for row in self.scores],
+            "continuation": self.continuation,
+            "p_clean": float(self.p_clean),
+            "p_corrupted": float(self.p_corrupted),
+            "kind": self.kind,
+            "window": int(self.window),
+        }
+
+
+def peak_layers(result: TraceResult, k: int = 3) -> list[int]:
+    """The ``k`` layers whose strongest cell (max over tokens) has the largest effect, in layer order."""
+    if result.scores.size == 0 or k <= 0:
+        return []
+    per_layer = np.nanmax(result.scores, axis=1)
+    order = np.argsort(-per_layer, kind="stable")[: min(k, result.layers)]
+    return sorted(int(i) for i in order)
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
+    """Layers restored for a cell at ``layer``: ``window`` layers centred on it, clipped to the model."""
+    lo = layer - window // 2
+    hi = layer + (window - window // 2)
+    return [i for i in range(max(0, lo), min(n_layers, hi))]
+
+
+def _subject_positions(lm: Any, prompt: str, ids: list[int], subject: str | None) -> list[int]:
+    """Token positions to corrupt: the subject's tokens, or every non-special prompt token."""
+    tok = lm.tokenizer
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    if subject is None:
+        positions = [i for i, t in enumerate(ids) if t not in special]
+        return positions or list(range(len(ids)))
+    start = prompt.find(subject)
+    if start < 0:
+        raise UserError(f"The subject '{subject}' does not occur in the prompt '{prompt}'.")
+    end = start + len(subject)
+    try:
+        enc = tok(prompt, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError):
+        offsets = None
+    if offsets is not None and len(offsets) == len(ids):
+        positions = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    else:  # slow tokenizers: count the tokens of the prefixes before and through the subject
+        n_before = len(tok(prompt[:start].rstrip(), add_special_tokens=False)["input_ids"]) if start else 0
+        n_through = len(tok(prompt[:end], add_special_tokens=False)["input_ids"])
+        n_special = len(ids) - len(tok(prompt, add_special_tokens=False)["input_ids"])
+        positions = list(range(n_special + n_before, n_special + n_through))
+    if not positions:
+        raise UserError(f"The subject '{subject}' covers no token of the prompt '{prompt}'.")
+    return positions
+
+
+def _replace_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to a module's hidden-state output, whether it is a tensor or a tuple's first item."""
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def _hooks(modules: Sequence[torch.nn.Module], hooks: Sequence[Callable]) -> Iterator[None]:
+    handles = [m.register_forward_hook(h) for m, h in zip(modules, hooks, strict=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _continuation_prob(logits: torch.Tensor, n_prompt: int, cont_ids: torch.Tensor) -> torch.Tensor:
+    """Per-row probability of the teacher-forced continuation: product over its tokens."""
+    m = cont_ids.shape[0]
+    step_logits = logits[:, n_prompt - 1 : n_prompt - 1 + m].to(torch.float64)
+    logp = torch.log_softmax(step_logits, dim=-1)
+    picked = logp.gather(-1, cont_ids.view(1, m, 1).expand(logits.shape[0], m, 1)).squeeze(-1)
+    return picked.sum(dim=-1).exp()
+
+
+def trace(
+    lm: Any,
+    prompt: str,
+    continuation: str,
+    *,
+    kind: str = "hidden",
+    window: int = 10,
+    samples: int = 10,
+    noise_scale: float = 3.0,
+    subject: str | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+) -> TraceResult:
+    """Trace which (token, layer) states carry the prediction of ``continuation`` after ``prompt``.
+
+    The subject's token embeddings (default: the whole prompt) are corrupted with Gaussian noise of
+    ``noise_scale`` x the embedding matrix's std, ``samples`` seeded draws; the same draws are used for
+    every restoration. For each prompt token and layer, the clean block output (``hidden``) or the
+    clean MLP / attention output over ``window`` layers centred on that layer (``mlp`` / ``attn``) is
+    restored, and the change in p(continuation) is recorded. p(continuation) is the product of the
+    teacher-forced probabilities of all its tokens. ``batch_size`` is the number of sequences per
+    forward pass; many (token, layer) restorations share one pass.
+    """
+    if kind not in KINDS:
+        raise UserError(f"Unknown trace kind '{kind}'; use hidden, mlp or attn.")
+    if not prompt:
+        raise UserError("Causal tracing needs a non-empty prompt.")
+    if not continuation:
+        raise UserError(f"Causal tracing needs a continuation to trace after the prompt '{prompt}'.")
+    if samples < 1:
+        raise UserError(f"The number of noise samples must be at least 1, not {samples}.")
+    if window < 1:
+        raise UserError(f"The restoration window must be at least 1 layer, not {window}.")
+
+    tok, spec, model = lm.tokenizer, lm.spec, lm.model
+    prompt_ids = list(tok(prompt)["input_ids"])
+    cont_ids_list = list(tok(continuation, add_special_tokens=False)["input_ids"])
+    if not cont_ids_list:
+        raise UserError(f"The continuation '{continuation}' tokenises to nothing.")
+    n_prompt, n_layers = len(prompt_ids), lm.n_layers
+    corrupt_pos = _subject_positions(lm, prompt, prompt_ids, subject)
+    device = lm.device
+    ids = torch.tensor([prompt_ids + cont_ids_list], device=device)
+    cont_ids = torch.tensor(cont_ids_list, device=device)
+    seq = ids.shape[1]
+
+    embed = lm.module(spec.embed)
+    emb_std = float(embed.weight.detach().float().std())
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn(samples, len(corrupt_pos), lm.d_model, generator=gen) * (noise_scale * emb_std)
+    noise = noise.to(device=device, dtype=lm.dtype)
+    pos_index = torch.tensor(corrupt_pos, device=device)
+
+    if kind == "hidden":
+        paths = [spec.block_path(layer) for layer in range(n_layers)]
+        used_window = 1
+    elif kind == "mlp":
+        paths = [spec.mlp_path(layer) for layer in range(n_layers)]
+        used_window = min(window, n_layers)
+    else:
+        paths = [spec.attn_path(layer) for layer in range(n_layers)]
+        used_window = min(window, n_layers)
+    modules = [lm.module(p) for p in paths]
+
+    with torch.no_grad():
+        # Clean run: record every layer's state to restore from.
+        clean: list[torch.Tensor | None] = [None] * n_layers
+
+        def recorder(layer: int) -> Callable:
+            def hook(_m, _i, out):
+                clean[layer] = _first(out)[0].detach().clone()
+
+            return hook
+
+        with _hooks(modules, [recorder(layer) for layer in range(n_layers)]):
+            p_clean = float(_continuation_prob(model(input_ids=ids).logits, n_prompt, cont_ids)[0])
+
+        # Restoration jobs: one per (layer, token); each job runs every noise sample.
+        jobs = [(layer, t) for layer in range(n_layers) for t in range(n_prompt)]
+        restore_sets = {
+            layer: (window_layers(layer, window, n_layers) if kind != "hidden" else [layer])
+            for layer in range(n_layers)
+        }
+        jobs_per_pass = max(1, batch_size // samples)
+        scores = np.zeros((n_layers, n_prompt), dtype=np.float64)
+        total = len(jobs)
+        emit(Progress("trace", 0, total, f"{kind} tracing over {n_layers} layers x {n_prompt} tokens"))
+
+        # Row masks set per pass: mask[layer] is a [rows, seq] bool of positions restored at that layer.
+        masks: list[torch.Tensor | None] = [None] * n_layers
+        rows_noise: list[torch.Tensor] = []
+
+        def corrupt_hook(_m, _i, out):
+            def add_noise(h: torch.Tensor) -> torch.Tensor:
+                h = h.clone()
+                h[:, pos_index] = h[:, pos_index] + rows_noise[0]
+                return h
+
+            return _replace_output(out, add_noise)
+
+        def restorer(layer: int) -> Callable:
+            def hook(_m, _i, out):
+                mask = masks[layer]
+                if mask is None:
+                    return out
+                state = clean[layer]
+                return _replace_output(
+                    out, lambda h: torch.where(mask.unsqueeze(-1), state.to(h.dtype).unsqueeze(0), h)
+                )
+
+            return hook
+
+        with _hooks([embed, *modules], [corrupt_hook, *[restorer(layer) for layer in range(n_layers)]]):
+            # Corrupted baseline (no restoration).
+            rows_noise[:] = [noise]
+            p_corrupted = float(
+                _continuation_prob(
+                    model(input_ids=ids.expand(samples, seq)).logits, n_prompt, cont_ids
+                ).mean()
+            )
+
+            done = 0
+            for start in range(0, total, jobs_per_pass):
+                check_cancel(cancel)
+                chunk = jobs[start : start + jobs_per_pass]
+                rows = len(chunk) * samples
+                layer_masks = [
+                    torch.zeros(rows, seq, dtype=torch.bool, device=device) for _ in range(n_layers)
+                ]
+                for j, (layer, t) in enumerate(chunk):
+                    for restored in restore_sets[layer]:
+                        layer_masks[restored][j * samples : (j + 1) * samples, t] = True
+                masks[:] = [m if bool(m.any()) else None for m in layer_masks]
+                rows_noise[:] = [noise.repeat(len(chunk), 1, 1)]
+                probs = _continuation_prob(model(input_ids=ids.expand(rows, seq)).logits, n_prompt, cont_ids)
+                probs = probs.view(len(chunk), samples).mean(dim=1).cpu().numpy()
+                for (layer, t), p in zip(chunk, probs, strict=True):
+                    scores[layer, t] = p - p_corrupted
+                done += len(chunk)
+                emit(Progress("trace", done, total))
+
+    tokens = [tok.decode([i]) for i in prompt_ids]
+    log.info(
+        "traced %d layers x %d tokens (%s): p_clean %.4g, p_corrupted %.4g",
+        n_layers,
+        n_prompt,
+        kind,
+        p_clean,
+        p_corrupted,
+    )
+    return TraceResult(
+        tokens=tokens,
+        layers=n_layers,
+        scores=scores,
+        p_clean=p_clean,
+        p_corrupted=p_corrupted,
+        continuation=continuation,
+        kind=kind,
+        window=used_window,
+    )
