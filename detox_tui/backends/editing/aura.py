@@ -1,0 +1,409 @@
+"""AurA (Suau et al. 2024): dampen each MLP unit in proportion to how well it separates toxic text."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.models import linear_weight_out_in, to_param_layout
+from detox_tui.errors import UserError
+from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
+
+log = logging.getLogger(__name__)
+
+FALLBACK_HPARAMS: dict[str, Any] = {"pooling": "max", "modules": "both", "max_sentences": 500}
+POOLINGS = ("max", "mean")
+MODULE_CHOICES = ("both", "mlp_in", "mlp_out")
+
+
+def unit_modules(lm: Any, modules: str = "both") -> list[str]:
+    """Module paths whose output units AurA scores: every layer's MLP in- and/or out-projection."""
+    if modules not in MODULE_CHOICES:
+        raise UserError(f"Unknown AurA modules '{modules}'; use both, mlp_in or mlp_out.")
+    paths = []
+    for layer in range(lm.n_layers):
+        if modules in ("both", "mlp_in"):
+            paths.append(lm.spec.mlp_in_path(layer))
+        if modules in ("both", "mlp_out"):
+            paths.append(lm.spec.mlp_out_path(layer))
+    return paths
+
+
+def _layer_of(lm: Any, path: str) -> int:
+    prefix = lm.spec.blocks + "."
+    return int(path[len(prefix) :].split(".", 1)[0])
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """AUROC of every column of ``scores`` [n, units] for binary ``labels`` [n] (True = positive).
+
+    Mann-Whitney U from tie-aware average ranks, vectorised over units: U / (n_pos x n_neg).
+    """
+    labels = labels.to(device=scores.device, dtype=torch.bool)
+    n_pos = int(labels.sum())
+    n_neg = int(labels.numel() - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        raise UserError("AUROC needs at least one toxic and one non-toxic sentence.")
+    s = scores.to(torch.float64).T.contiguous()  # [units, n]
+    sorted_s = s.sort(dim=1).values
+    below = torch.searchsorted(sorted_s, s, side="left")
+    through = torch.searchsorted(sorted_s, s, side="right")
+    ranks = (below + through + 1).to(torch.float64) / 2.0  # mean of the 1-based ranks below+1 .. through
+    rank_sum = ranks[:, labels].sum(dim=1)
+    u = rank_sum - n_pos * (n_pos + 1) / 2.0
+    return (u / (n_pos * n_neg)).to(torch.float32)
+
+
+def alphas_from_auroc(auroc_values: torch.Tensor) -> torch.Tensor:
+    """AurA's dampening factor: 2 (1 - AUROC) = 1 - Gini where AUROC > 0.5, else exactly 1."""
+    a = auroc_values.to(torch.float32)
+    return torch.where(a > 0.5, 2.0 * (1.0 - a), torch.ones_like(a))
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    h = h.float()
+    m = mask.unsqueeze(-1)
+    if pooling == "max":
+        return h.masked_fill(~m, float("-inf")).amax(dim=1)
+    return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+
+
+def compute_expertise(
+    lm: Any,
+    toxic: Sequence[str],
+    nontoxic: Sequence[str],
+    *,
+    pooling: str = "max",
+    modules: str = "both",
+    batch_size: int = 16,
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each unit's AUROC for toxic (positive) vs non-toxic sentences: {module path: [units] tensor}.
+
+    A unit is one output feature of the MLP in-projection (pre-activation) or out-projection; its
+    responses are pooled over each sentence's non-padding tokens (``max`` or ``mean``).
+    """
+    if pooling not in POOLINGS:
+        raise UserError(f"Unknown AurA pooling '{pooling}'; use max or mean.")
+    if not toxic or not nontoxic:
+        raise UserError("AurA needs at least one toxic and one non-toxic sentence.")
+    paths = unit_modules(lm, modules)
+    sentences = list(toxic) + list(nontoxic)
+    labels = torch.tensor([True] * len(toxic) + [False] * len(nontoxic))
+    pooled: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    current_mask: list[torch.Tensor] = []
+
+    def recorder(path: str) -> Callable:
+        def hook(_m, _i, out):
+            h = out[0] if isinstance(out, tuple) else out
+            pooled[path].append(_pool(h.detach(), current_mask[0], pooling).cpu())
+
+        return hook
+
+    handles = [lm.module(p).register_forward_hook(recorder(p)) for p in paths]
+    tok = lm.tokenizer
+    n_batches = (len(sentences) + batch_size - 1) // batch_size
+    emit(
+        Progress("aura expertise", 0, n_batches, f"{len(toxic)} toxic + {len(nontoxic)} non-toxic sentences")
+    )
+    try:
+        with torch.no_grad():
+            for b, start in enumerate(range(0, len(sentences), batch_size)):
+                check_cancel(cancel)
+                enc = tok(
+                    sentences[start : start + batch_size], return_tensors="pt", padding=True, truncation=True
+                )
+                mask = enc["attention_mask"].to(lm.device)
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                current_mask[:] = [mask.bool()]
+                lm.model(
+                    input_ids=enc["input_ids"].to(lm.device), attention_mask=mask, position_ids=positions
+                )
+                emit(Progress("aura expertise", b + 1, n_batches))
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        p: auroc(torch.cat(chunks).to(lm.device), labels.to(lm.device)).cpu() for p, chunks in pooled.items()
+    }
+
+
+class AuraHooks:
+    """Context manager: multiply each unit's output by its alpha with forward hooks (no weight change)."""
+
+    def __init__(self, lm: Any, alphas: Mapping[str, torch.Tensor]) -> None:
+        self.lm = lm
+        self.alphas = dict(alphas)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> AuraHooks:
+        for path, alpha in self.alphas.items():
+            module = self.lm.module(path)
+            self._handles.append(module.register_forward_hook(self._make_hook(alpha)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @staticmethod
+    def _make_hook(alpha: torch.Tensor) -> Callable:
+        def hook(_m, _i, out):
+            if isinstance(out, tuple):
+                return (out[0] * alpha.to(out[0].device, out[0].dtype), *out[1:])
+            return out * alpha.to(out.device, out.dtype)
+
+        return hook
+
+
+def fold_alphas(lm: Any, alphas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight deltas (param layout) that scale each unit's weight row (out, in layout) and bias by alpha."""
+    deltas: dict[str, torch.Tensor] = {}
+    for path, alpha in alphas.items():
+        if bool((alpha == 1).all()):
+            continue
+        module = lm.module(path)
+        a = alpha.to(module.weight.device, torch.float32)
+        w = linear_weight_out_in(module, lm.spec).detach().float()
+        deltas[f"{path}.weight"] = to_param_layout(w * a.unsqueeze(1) - w, lm.spec).cpu()
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            b = bias.detach().float()
+            deltas[f"{path}.bias"] = (b * a - b).cpu()
+    return deltas
+
+
+# ---------------------------------------------------------------- sentence sets
+
+
+def _builtin_lines(name: str) -> list[str]:
+    try:
+        text = resources.files("detox_tui.data").joinpath(name).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise UserError(
+            f"The builtin AurA sentence file '{name}' is missing from this installation."
+        ) from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _cap(lines: list[str], limit: int) -> list[str]:
+    if len(lines) <= limit:
+        return lines
+    return random.Random(0).sample(lines, limit)
+
+
+def read_jigsaw_csv(path: str | Path) -> tuple[list[str], list[str]]:
+    """Toxic and non-toxic sentences from a Jigsaw-format CSV (``comment_text``, ``toxic`` >= 0.5)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The AurA sentence file '{path}' does not exist.")
+    toxic, nontoxic = [], []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            if "comment_text" not in fields or "toxic" not in fields:
+                raise UserError(
+                    f"'{path}' needs the Jigsaw columns 'comment_text' and 'toxic'; it has {fields}."
+                )
+            for row in reader:
+                text = (row.get("comment_text") or "").strip()
+                try:
+                    label = float(row.get("toxic") or "")
+                except ValueError as exc:
+                    raise UserError(
+                        f"'{path}' line {reader.line_num}: the 'toxic' value {row.get('toxic')!r} is not a number."
+                    ) from exc
+                if text:
+                    (toxic if label >= 0.5 else nontoxic).append(text)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"'{path}' is not a UTF-8 text file.") from exc
+    return toxic, nontoxic
+
+
+def _read_hf(spec: str, limit: int) -> tuple[list[str], list[str]]:
+    """``hf:<dataset>[:<split>]`` with a text column (comment_text/text) and a toxicity label."""
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:
+        raise UserError(
+            "Loading AurA sentences from 'hf:' needs the datasets extra: pip install 'detox-tui[data]'."
+        ) from exc
+    name, _, split = spec[3:].partition(":")
+    try:
+        ds = load_dataset(name, split=split or "train", streaming=True)
+    except Exception as exc:  # datasets raises many error types for missing or private sets
+        raise UserError(f"Could not load the dataset '{name}' for AurA: {str(exc).splitlines()[0]}") from exc
+    toxic, nontoxic = [], []
+    for row in ds:
+        text = row.get("comment_text") or row.get("text")
+        label = next((row[k] for k in ("toxic", "toxicity", "label") if k in row), None)
+        if text is None or label is None:
+            raise UserError(
+                f"The dataset '{name}' needs a comment_text/text column and a toxic/toxicity/label column."
+            )
+        (toxic if float(label) >= 0.5 else nontoxic).append(str(text).strip())
+        if len(toxic) >= limit and len(nontoxic) >= limit:
+            break
+    return toxic, nontoxic
+
+
+def load_sentence_sets(source: str, max_sentences: int) -> tuple[list[str], list[str]]:
+    """Toxic and non-toxic sentences from "builtin", a Jigsaw CSV path or "hf:<dataset>[:split]"."""
+    if source == "builtin":
+        toxic, nontoxic = _builtin_lines("toxic_sentences.txt"), _builtin_lines("nontoxic_sentences.txt")
+    elif source.startswith("hf:"):
+        toxic, nontoxic = _read_hf(source, max_sentences)
+    else:
+        toxic, nontoxic = read_jigsaw_csv(source)
+    if not toxic or not nontoxic:
+        raise UserError(f"The AurA sentence source '{source}' needs both toxic and non-toxic sentences.")
+    return _cap(toxic, max_sentences), _cap(nontoxic, max_sentences)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def expertise_cache_key(
+    lm: Any, toxic: Sequence[str], nontoxic: Sequence[str], pooling: str, modules: str
+) -> str:
+    digest = hashlib.sha256()
+    for group in (toxic, nontoxic):
+        for s in group:
+            digest.update(s.encode("utf-8") + b"\0")
+        digest.update(b"\1")
+    key = {"model": lm.identity(), "sentences": digest.hexdigest(), "pooling": pooling, "modules": modules}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def cached_expertise(
+    lm: Any,
+    toxic: Sequence[str],
+    nontoxic: Sequence[str],
+    cache_dir: Path,
+    *,
+    pooling: str = "max",
+    modules: str = "both",
+    batch_size: int = 16,
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """``compute_expertise`` behind a safetensors cache in ``cache_dir/aura``; returns (expertise, hit)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(cache_dir) / "aura"
+    path = folder / f"{expertise_cache_key(lm, toxic, nontoxic, pooling, modules)}.safetensors"
+    if path.is_file():
+        try:
+            log.info("AurA expertise cache hit: %s", path)
+            return load_file(str(path)), True
+        except Exception:  # a corrupt cache entry is recomputed, never fatal
+            log.warning("ignoring unreadable AurA cache entry %s", path)
+    expertise = compute_expertise(
+        lm, toxic, nontoxic, pooling=pooling, modules=modules, batch_size=batch_size, emit=emit, cancel=cancel
+    )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in expertise.items()}, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not cache AurA expertise in %s: %s", folder, exc)
+    return expertise, False
+
+
+# ---------------------------------------------------------------- editor
+
+
+class AuraEditor:
+    """AurA: request-free; every unit with AUROC > 0.5 is scaled by 2 (1 - AUROC), folded into the weights."""
+
+    name = "aura"
+
+    def default_hparams(self, lm: Any) -> dict[str, Any]:
+        try:
+            from detox_tui.backends.editing import presets
+        except ImportError:  # presets.py not there yet: the documented defaults
+            return dict(FALLBACK_HPARAMS)
+        return dict(presets.load_preset(lm, self.name))
+
+    def compute(
+        self,
+        lm: Any,
+        requests: Sequence[EditRequest],
+        hparams: Mapping[str, Any],
+        ctx: EditContext,
+    ) -> EditDelta:
+        hp = {**FALLBACK_HPARAMS, "sentences": "builtin", "batch_size": 16, **dict(hparams)}
+        pooling, modules = str(hp["pooling"]), str(hp["modules"])
+        max_sentences = int(hp["max_sentences"])
+        if "toxic_sentences" in ctx.extra or "nontoxic_sentences" in ctx.extra:
+            toxic = _cap(list(ctx.extra.get("toxic_sentences") or []), max_sentences)
+            nontoxic = _cap(list(ctx.extra.get("nontoxic_sentences") or []), max_sentences)
+            source = "context"
+        else:
+            source = str(hp["sentences"])
+            toxic, nontoxic = load_sentence_sets(source, max_sentences)
+        cache_dir = ctx.cache_dir
+        if cache_dir is None:
+            from detox_tui.config import Paths
+
+            cache_dir = Paths.resolve().cache_dir
+        expertise, hit = cached_expertise(
+            lm,
+            toxic,
+            nontoxic,
+            cache_dir,
+            pooling=pooling,
+            modules=modules,
+            batch_size=int(hp["batch_size"]),
+            emit=ctx.emit,
+            cancel=ctx.cancel,
+        )
+        check_cancel(ctx.cancel)
+        alphas = {path: alphas_from_auroc(a) for path, a in expertise.items()}
+        per_layer: dict[str, dict[str, int]] = {}
+        for path, alpha in alphas.items():
+            n = int((alpha < 1).sum())
+            kind = "mlp_in" if path.endswith(lm.spec.mlp_in) else "mlp_out"
+            per_layer.setdefault(str(_layer_of(lm, path)), {})[kind] = n
+        layers = sorted({_layer_of(lm, p) for p, a in alphas.items() if bool((a < 1).any())})
+        n_dampened = sum(int((a < 1).sum()) for a in alphas.values())
+        log.info("AurA dampens %d units over %d layers", n_dampened, len(layers))
+        return EditDelta(
+            deltas=fold_alphas(lm, alphas),
+            method=self.name,
+            model_name=lm.name,
+            layers=layers,
+            hparams=dict(hp),
+            requests=[r.to_dict() for r in requests],
+            info={
+                "n_dampened": n_dampened,
+                "per_layer": per_layer,
+                "n_toxic": len(toxic),
+                "n_nontoxic": len(nontoxic),
+                "sentences": source,
+                "cache_hit": hit,
+                "requests_ignored": True,
+                "note": "AurA is request-free: it dampens units that separate toxic from non-toxic text.",
+            },
+        )
