@@ -1,0 +1,235 @@
+"""Batched, seeded generation of continuations (prompt tokens stripped) and teacher-forced log-probabilities."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from detox_tui.backends.models import LoadedModel
+from detox_tui.config import GenerationConfig
+from detox_tui.errors import UserError
+from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptGenerations:
+    """The continuations of one prompt: ``samples`` seeded samples, plus the greedy one when asked for."""
+
+    prompt: str
+    samples: list[str] = field(default_factory=list)
+    greedy: str | None = None
+
+
+def context_length(lm: LoadedModel) -> int | None:
+    """The model's maximum number of positions, or None when its config does not say."""
+    cfg = lm.model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """A well-mixed 63-bit seed for one batch, derived only from the run seed and the batch's index."""
+    state = np.random.SeedSequence([seed % 2**64, batch_index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _encode(lm: LoadedModel, text: str, *, special: bool = True) -> list[int]:
+    return list(lm.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _prompt_ids(lm: LoadedModel, prompt: str, room: int | None) -> list[int]:
+    """Token ids of a prompt (BOS/EOS for an empty one), cut from the left to leave room for the continuation."""
+    ids = _encode(lm, prompt)
+    if not ids:
+        bos = lm.tokenizer.bos_token_id
+        ids = [bos if bos is not None else lm.tokenizer.eos_token_id]
+    if room is not None and len(ids) > room:
+        ids = ids[len(ids) - room :]
+    return ids
+
+
+def _left_pad(
+    rows: Sequence[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def _check_config(cfg: GenerationConfig, ctx: int | None) -> None:
+    if cfg.samples < 0:
+        raise UserError(f"The number of samples must be 0 or more, not {cfg.samples}.")
+    if cfg.max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, not {cfg.max_new_tokens}.")
+    if cfg.samples > 0 and cfg.temperature <= 0:
+        raise UserError(
+            f"The temperature must be above 0 (got {cfg.temperature}); use the greedy option instead."
+        )
+    if cfg.samples > 0 and not 0 < cfg.top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], not {cfg.top_p}.")
+    if cfg.top_k < 0:
+        raise UserError(f"top_k must be 0 (off) or more, not {cfg.top_k}.")
+    if ctx is not None and cfg.max_new_tokens >= ctx:
+        raise UserError(
+            f"max_new_tokens ({cfg.max_new_tokens}) must be below the model's context length ({ctx} tokens)."
+        )
+
+
+def _generation_config(lm: LoadedModel, cfg: GenerationConfig, *, sample: bool, n_return: int):
+    """A private copy of the model's generation config: the model's own defaults never leak into our settings."""
+    gc = copy.deepcopy(lm.model.generation_config)
+    gc.max_new_tokens = cfg.max_new_tokens
+    gc.max_length = None
+    gc.min_new_tokens = None
+    gc.min_length = 0
+    gc.num_beams = 1
+    gc.num_return_sequences = n_return
+    gc.pad_token_id = _pad_id(lm)
+    gc.repetition_penalty = 1.0
+    gc.no_repeat_ngram_size = 0
+    if sample:
+        gc.do_sample = True
+        gc.temperature = float(cfg.temperature)
+        gc.top_k = int(cfg.top_k)  # 0 disables top-k filtering
+        gc.top_p = float(cfg.top_p)
+    else:
+        gc.do_sample = False
+        gc.temperature = None
+        gc.top_k = None
+        gc.top_p = None
+    return gc
+
+
+def _decode_new(lm: LoadedModel, out: torch.Tensor, prompt_width: int) -> list[str]:
+    new = out[:, prompt_width:].cpu()
+    return lm.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_continuations(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    cfg: GenerationConfig,
+    *,
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+    stage: str = "generate",
+) -> list[PromptGenerations]:
+    """Sample ``cfg.samples`` continuations per prompt (plus a greedy one if ``cfg.greedy`` or samples == 0).
+
+    Continuations exclude the prompt. Prompts are processed ``cfg.batch_size`` at a time, left-padded with an
+    attention mask; each batch seeds the RNG from (cfg.seed, batch index) inside a forked RNG state, so a seed
+    gives the same table whatever ran before, and an edited model sees the same random stream layout.
+    """
+    prompts = list(prompts)
+    ctx = context_length(lm)
+    _check_config(cfg, ctx)
+    want_greedy = cfg.greedy or cfg.samples == 0
+    room = None if ctx is None else ctx - cfg.max_new_tokens
+    pad_id = _pad_id(lm)
+    batch_size = max(1, int(cfg.batch_size))
+    sample_cfg = _generation_config(lm, cfg, sample=True, n_return=cfg.samples) if cfg.samples > 0 else None
+    greedy_cfg = _generation_config(lm, cfg, sample=False, n_return=1) if want_greedy else None
+    rng_devices = [lm.device] if lm.device.type == "cuda" else []
+    results: list[PromptGenerations] = []
+    total = len(prompts)
+    emit(Progress(stage, 0, total))
+    for b, start in enumerate(range(0, total, batch_size)):
+        check_cancel(cancel)
+        part = prompts[start : start + batch_size]
+        ids, mask = _left_pad([_prompt_ids(lm, p, room) for p in part], pad_id, lm.device)
+        samples: list[list[str]] = [[] for _ in part]
+        if sample_cfg is not None:
+            with torch.random.fork_rng(devices=rng_devices, device_type=lm.device.type):
+                torch.manual_seed(batch_seed(cfg.seed, b))
+                out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=sample_cfg)
+            texts = _decode_new(lm, out, ids.shape[1])
+            k = cfg.samples
+            samples = [texts[i * k : (i + 1) * k] for i in range(len(part))]
+        greedy: list[str | None] = [None] * len(part)
+        if greedy_cfg is not None:
+            out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy_cfg)
+            greedy = list(_decode_new(lm, out, ids.shape[1]))
+        for p, s, g in zip(part, samples, greedy):
+            results.append(PromptGenerations(prompt=p, samples=list(s), greedy=g))
+        emit(Progress(stage, len(results), total))
+    return results
+
+
+def _right_pad(
+    rows: Sequence[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position, computed in float32 whatever the model's dtype."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def continuation_logprob(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Mean log-probability of each continuation's tokens given its prompt (teacher-forced), float32 on CPU.
+
+    Prompt and continuation are tokenised separately (the continuation without special tokens), so the scored
+    tokens are exactly the continuation's. An empty continuation gives NaN.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    ctx = context_length(lm)
+    pad_id = _pad_id(lm)
+    pairs: list[tuple[list[int], int]] = []  # (full ids, number of continuation tokens)
+    for prompt, cont in zip(prompts, continuations):
+        c_ids = _encode(lm, cont, special=False)
+        if ctx is not None:
+            c_ids = c_ids[: ctx - 1]
+        p_ids = _prompt_ids(lm, prompt, None if ctx is None else ctx - len(c_ids))
+        pairs.append((p_ids + c_ids, len(c_ids)))
+    out = torch.full((len(pairs),), float("nan"), dtype=torch.float32)
+    for start in range(0, len(pairs), max(1, batch_size)):
+        chunk = pairs[start : start + batch_size]
+        ids, mask = _right_pad([full for full, _ in chunk], pad_id, lm.device)
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits
+        for j, (full, n_cont) in enumerate(chunk):
+            if n_cont == 0:
+                continue
+            end = len(full)
+            first = end - n_cont
+            lp = token_logprobs(logits[j, first - 1 : end - 1], ids[j, first:end])
+            out[start + j] = lp.mean().cpu()
+    return out

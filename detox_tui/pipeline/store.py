@@ -1,0 +1,453 @@
+"""SQLite run store: config, prompts, every generation with its scores and result rows, written as a run goes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from detox_tui.config import Paths
+from detox_tui.errors import UserError
+from detox_tui.pipeline.results import FORMATS, export_rows, jsonable, write_text_atomic
+from detox_tui.prompts.base import PromptItem
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "finished", "failed", "cancelled")
+# The keys of a run summary shown in run lists (the full summary is in get_run).
+HEADLINE_KEYS = (
+    "n_prompts",
+    "mean",
+    "share_above",
+    "share_reduced",
+    "mean_reduction",
+    "wilcoxon_p",
+    "before_mean",
+    "after_mean",
+    "ppl_before",
+    "ppl_after",
+    "collapsed",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    config TEXT NOT NULL,
+    summary TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS prompts (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    prompt TEXT NOT NULL,
+    target TEXT,
+    subject TEXT,
+    category TEXT,
+    toxic TEXT,
+    meta TEXT,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    phase TEXT NOT NULL,
+    config_key TEXT NOT NULL,
+    prompt_idx INTEGER NOT NULL,
+    sample_idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    UNIQUE (run_id, phase, config_key, prompt_idx, sample_idx)
+);
+CREATE TABLE IF NOT EXISTS result_rows (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (run_id, tbl, key)
+);
+CREATE INDEX IF NOT EXISTS generations_run ON generations(run_id, id);
+CREATE INDEX IF NOT EXISTS runs_created ON runs(created);
+"""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(jsonable(value), allow_nan=False, ensure_ascii=False)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class RunStore:
+    """The run store in one SQLite file (WAL mode), safe to use from worker threads.
+
+    Every call opens its own connection and commits before returning, so whatever a run finished is on disk
+    when it crashes or is cancelled, and a second RunStore on the same file sees it at once.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser()
+        self._lock = (
+            threading.Lock()
+        )  # serialises this object's writes; SQLite's own locking covers processes
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(
+                f"Cannot create the run store folder '{self.path.parent}': {exc.strerror or exc}."
+            ) from exc
+        self._init_schema()
+
+    @classmethod
+    def open(cls, data_dir: str | None = None) -> RunStore:
+        """The store under --data-dir, DETOX_TUI_HOME or the platform data dir (``runs.sqlite``)."""
+        return cls(Paths.resolve(data_dir).store_path)
+
+    # ------------------------------------------------------------------------------------ connections
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise UserError(f"Cannot open the run store '{self.path}': {exc}.") from exc
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys = ON")
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise UserError(
+                    f"The run store '{self.path}' is not a readable SQLite database ({exc})."
+                ) from exc
+            raise
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A connection whose statements commit together when the block ends (rolled back on error)."""
+        with self._lock, self._connect() as conn:
+            with conn:
+                yield conn
+
+    def _init_schema(self) -> None:
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(
+                    f"The run store '{self.path}' has schema version {version}, newer than this detox-tui "
+                    f"understands ({SCHEMA_VERSION}); upgrade detox-tui or use another --data-dir."
+                )
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # ------------------------------------------------------------------------------------ writes
+
+    def create_run(self, kind: str, config: Mapping[str, Any], model: str, note: str = "") -> str:
+        """Record a new run (status "running") and return its id, e.g. "20261122-213501-3f2a"."""
+        config_json = _dumps(dict(config))
+        for _ in range(20):
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            now = _now()
+            try:
+                with self._write() as conn:
+                    conn.execute(
+                        "INSERT INTO runs (id, kind, model, status, created, updated, note, config) "
+                        "VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                        (run_id, kind, model, now, now, note, config_json),
+                    )
+                return run_id
+            except sqlite3.IntegrityError:
+                continue
+        raise RuntimeError("could not allocate a unique run id")
+
+    def add_prompts(self, run_id: str, items: Sequence[PromptItem]) -> None:
+        """Record the run's prompts in order (index 0..n-1); replaces prompts already stored at those indices."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO prompts (run_id, idx, prompt, target, subject, category, toxic, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        run_id,
+                        i,
+                        it.prompt,
+                        it.target,
+                        it.subject,
+                        it.category,
+                        it.toxic,
+                        _dumps(it.meta or {}),
+                    )
+                    for i, it in enumerate(items)
+                ],
+            )
+            self._touch(conn, run_id)
+
+    def add_generations(
+        self,
+        run_id: str,
+        phase: str,
+        config_key: str,
+        prompt_idx: int,
+        texts: Sequence[str],
+        scores: Mapping[str, Sequence[float]],
+        sample_indices: Sequence[int] | None = None,
+    ) -> None:
+        """Record one prompt's generations with one score per text and attribute (sample index -1 = greedy)."""
+        n = len(texts)
+        indices = list(range(n)) if sample_indices is None else [int(i) for i in sample_indices]
+        if len(indices) != n:
+            raise ValueError(f"{n} texts but {len(indices)} sample indices")
+        for attr, values in scores.items():
+            if len(values) != n:
+                raise ValueError(f"{n} texts but {len(values)} '{attr}' scores")
+        rows = [
+            (
+                run_id,
+                phase,
+                config_key,
+                int(prompt_idx),
+                indices[i],
+                texts[i],
+                _dumps({a: float(v[i]) for a, v in scores.items()}),
+            )
+            for i in range(n)
+        ]
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO generations "
+                "(run_id, phase, config_key, prompt_idx, sample_idx, text, scores) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def add_row(self, run_id: str, table: str, key: str, row: Mapping[str, Any]) -> None:
+        """Insert or replace result row ``key`` of ``table`` ("baseline", "edit", "ablation", "side_effects"...)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO result_rows (run_id, tbl, key, data) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (run_id, tbl, key) DO UPDATE SET data = excluded.data",
+                (run_id, table, str(key), _dumps(dict(row))),
+            )
+            self._touch(conn, run_id)
+
+    def set_status(
+        self,
+        run_id: str,
+        status: str,
+        summary: Mapping[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Mark a run running/finished/failed/cancelled; a given summary or error replaces the stored one."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status '{status}' (use one of {', '.join(STATUSES)})")
+        sets, args = ["status = ?", "updated = ?"], [status, _now()]
+        if summary is not None:
+            sets.append("summary = ?")
+            args.append(_dumps(dict(summary)))
+        if error is not None:
+            sets.append("error = ?")
+            args.append(error)
+        with self._write() as conn:
+            cur = conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, run_id))
+            if cur.rowcount == 0:
+                raise UserError(f"No run with id '{run_id}' in {self.path}.")
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and everything recorded for it."""
+        rid = self.resolve_id(run_id)
+        with self._write() as conn:
+            conn.execute("DELETE FROM runs WHERE id = ?", (rid,))
+
+    @staticmethod
+    def _touch(conn: sqlite3.Connection, run_id: str) -> None:
+        conn.execute("UPDATE runs SET updated = ? WHERE id = ?", (_now(), run_id))
+
+    # ------------------------------------------------------------------------------------ reads
+
+    def resolve_id(self, run_id: str) -> str:
+        """The full id of a run given its id or a unique prefix of it."""
+        with self._connect() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                return run_id
+            pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            found = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY id LIMIT 6", (pattern,)
+                )
+            ]
+        if not run_id or not found:
+            raise UserError(f"No run with id '{run_id}' in {self.path}.")
+        if len(found) > 1:
+            shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+            raise UserError(
+                f"The run id prefix '{run_id}' matches several runs ({shown}); give more of the id."
+            )
+        return found[0]
+
+    def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest runs first: id, kind, model, status, created, n_prompts, note and a headline summary."""
+        with self._connect() as conn:
+            cur = conn.execute(
+                "SELECT r.id, r.kind, r.model, r.status, r.created, r.updated, r.note, r.summary, r.error, "
+                "(SELECT COUNT(*) FROM prompts p WHERE p.run_id = r.id) AS n_prompts "
+                "FROM runs r ORDER BY r.created DESC, r.rowid DESC LIMIT ?",
+                (int(limit),),
+            )
+            rows = cur.fetchall()
+        out = []
+        for r in rows:
+            summary = _loads(r["summary"]) or {}
+            out.append(
+                {
+                    "id": r["id"],
+                    "kind": r["kind"],
+                    "model": r["model"],
+                    "status": r["status"],
+                    "created": r["created"],
+                    "updated": r["updated"],
+                    "n_prompts": r["n_prompts"],
+                    "note": r["note"],
+                    "error": r["error"],
+                    "summary": {k: summary[k] for k in HEADLINE_KEYS if k in summary},
+                }
+            )
+        return out
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """A run's id, kind, model, status, times, note, config, summary, error and prompts (id or unique prefix)."""
+        rid = self.resolve_id(run_id)
+        with self._connect() as conn:
+            r = conn.execute("SELECT * FROM runs WHERE id = ?", (rid,)).fetchone()
+            prompts = conn.execute("SELECT * FROM prompts WHERE run_id = ? ORDER BY idx", (rid,)).fetchall()
+        if r is None:  # deleted between the two queries
+            raise UserError(f"No run with id '{run_id}' in {self.path}.")
+        return {
+            "id": r["id"],
+            "kind": r["kind"],
+            "model": r["model"],
+            "status": r["status"],
+            "created": r["created"],
+            "updated": r["updated"],
+            "note": r["note"],
+            "config": _loads(r["config"]),
+            "summary": _loads(r["summary"]),
+            "error": r["error"],
+            "prompts": [
+                {
+                    "idx": p["idx"],
+                    "prompt": p["prompt"],
+                    "target": p["target"],
+                    "subject": p["subject"],
+                    "category": p["category"],
+                    "toxic": p["toxic"],
+                    "meta": _loads(p["meta"]) or {},
+                }
+                for p in prompts
+            ],
+        }
+
+    def prompt_items(self, run_id: str) -> list[PromptItem]:
+        """The run's prompts as PromptItems, in order."""
+        return [
+            PromptItem(p["prompt"], p["target"], p["subject"], p["category"], p["toxic"], p["meta"])
+            for p in self.get_run(run_id)["prompts"]
+        ]
+
+    def tables(self, run_id: str) -> list[str]:
+        """The names of the result tables a run has rows in, in the order they were first written."""
+        with self._connect() as conn:
+            cur = conn.execute(
+                "SELECT tbl FROM result_rows WHERE run_id = ? GROUP BY tbl ORDER BY MIN(rowid)", (run_id,)
+            )
+            return [r[0] for r in cur]
+
+    def rows(self, run_id: str, table: str | None = None) -> list[dict[str, Any]]:
+        """The stored result rows of a run (one table or all), in the order they were first written."""
+        with self._connect() as conn:
+            if table is None:
+                cur = conn.execute("SELECT data FROM result_rows WHERE run_id = ? ORDER BY rowid", (run_id,))
+            else:
+                cur = conn.execute(
+                    "SELECT data FROM result_rows WHERE run_id = ? AND tbl = ? ORDER BY rowid",
+                    (run_id, table),
+                )
+            return [json.loads(r[0]) for r in cur]
+
+    def row_keys(self, run_id: str, table: str) -> set[str]:
+        """The keys of the rows already stored in ``table`` (what --resume skips)."""
+        with self._connect() as conn:
+            cur = conn.execute("SELECT key FROM result_rows WHERE run_id = ? AND tbl = ?", (run_id, table))
+            return {r[0] for r in cur}
+
+    def generations(self, run_id: str) -> list[dict[str, Any]]:
+        """Every generation of a run in the order written: prompt text, phase, config_key, sample_idx, text, scores."""
+        with self._connect() as conn:
+            cur = conn.execute(
+                "SELECT g.prompt_idx, p.prompt, g.phase, g.config_key, g.sample_idx, g.text, g.scores "
+                "FROM generations g LEFT JOIN prompts p ON p.run_id = g.run_id AND p.idx = g.prompt_idx "
+                "WHERE g.run_id = ? ORDER BY g.id",
+                (run_id,),
+            )
+            return [
+                {
+                    "prompt_idx": r["prompt_idx"],
+                    "prompt": r["prompt"],
+                    "phase": r["phase"],
+                    "config_key": r["config_key"],
+                    "sample_idx": r["sample_idx"],
+                    "text": r["text"],
+                    "scores": json.loads(r["scores"]),
+                }
+                for r in cur
+            ]
+
+    # ------------------------------------------------------------------------------------ export
+
+    def export(self, run_id: str, path: str | os.PathLike, fmt: str) -> Path:
+        """Export a run: csv/md = its main result table, json = every table with the run's metadata,
+        jsonl = one generation per line with its scores."""
+        if fmt not in FORMATS:
+            raise UserError(f"Unknown export format '{fmt}'; use csv, json, md or jsonl.")
+        run = self.get_run(run_id)
+        rid = run["id"]
+        if fmt == "jsonl":
+            lines = [_dumps({"run_id": rid, **g}) + "\n" for g in self.generations(rid)]
+            return write_text_atomic(path, "".join(lines))
+        tables = self.tables(rid)
+        main = run["kind"] if run["kind"] in tables else (tables[0] if tables else None)
+        rows = self.rows(rid, main) if main else []
+        meta = {
+            "run_id": rid,
+            "kind": run["kind"],
+            "model": run["model"],
+            "status": run["status"],
+            "created": run["created"],
+            "note": run["note"],
+            "table": main,
+            "config": run["config"],
+            "summary": run["summary"],
+            "other_tables": {t: self.rows(rid, t) for t in tables if t != main},
+        }
+        return export_rows(rows, path, fmt, meta=meta)
