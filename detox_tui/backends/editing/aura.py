@@ -357,8 +357,10 @@ class AuraEditor:
         pooling, modules = str(hp["pooling"]), str(hp["modules"])
         max_sentences = int(hp["max_sentences"])
         if "toxic_sentences" in ctx.extra or "nontoxic_sentences" in ctx.extra:
-            toxic = _cap(list(ctx.extra.get("toxic_sentences") or []), max_sentences)
-            nontoxic = _cap(list(ctx.extra.get("nontoxic_sentences") or []), max_sentences)
+            toxic = _cap([s for s in ctx.extra.get("toxic_sentences") or [] if s.strip()], max_sentences)
+            nontoxic = _cap(
+                [s for s in ctx.extra.get("nontoxic_sentences") or [] if s.strip()], max_sentences
+            )
             source = "context"
         else:
             source = str(hp["sentences"])
