@@ -401,9 +401,9 @@ def _plain_record(
         prompt_field = "prompt" if "prompt" in row else "text" if "text" in row else None
     if prompt_field is None or prompt_field not in row:
         columns = ", ".join(sorted(row)) or "none"
-        wanted = f"'{prompt_field}'" if prompt_field else "a 'prompt' or 'text'"
+        wanted = f"no '{prompt_field}' column" if prompt_field else "neither a 'prompt' nor a 'text' column"
         raise UserError(
-            f"{where}: the dataset has no {wanted} column (columns: {columns}); use ?prompt_field=."
+            f"{where}: the dataset has {wanted} (columns: {columns}); use ?prompt_field=<column>."
         )
     record: dict[str, Any] = {"prompt": row[prompt_field]}
     if target_field is not None:
