@@ -60,7 +60,7 @@ def _build_tokenizer(texts: list[str], out_dir: Path):
 def build_tiny_detoxify(
     out_dir: str | Path,
     classes: tuple[str, ...] = ORIGINAL_CLASSES,
-    train_steps: int = 30,
+    train_steps: int = 20,
     seed: int = 0,
 ) -> tuple[Path, Path]:
     """Write ``out_dir/tiny-detoxify.ckpt`` and a config+tokenizer dir; return (checkpoint, config_dir).
@@ -88,6 +88,8 @@ def build_tiny_detoxify(
         max_position_embeddings=128,
         num_labels=len(classes),
         problem_type="multi_label_classification",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     model = BertForSequenceClassification(config)
     config.save_pretrained(config_dir)
@@ -96,7 +98,7 @@ def build_tiny_detoxify(
         texts = toxic + clean
         labels = torch.tensor([1.0] * len(toxic) + [0.0] * len(clean)).unsqueeze(1).expand(-1, len(classes))
         batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=32)
-        optim = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
         model.train()
         for _ in range(train_steps):
             logits = model(**batch).logits
