@@ -142,13 +142,6 @@ def _with_seed(cfg: ExperimentConfig, offset: int):
     return replace(cfg.generation, seed=cfg.generation.seed * 1_000_003 + offset)
 
 
-def _sample_scores(scores: dict[str, np.ndarray], gens: PromptGenerations, primary: str) -> np.ndarray:
-    """The primary attribute's scores of the sampled continuations (greedy excluded unless it is all there is)."""
-    values = scores[primary]
-    k = len(gens.samples)
-    return values[:k] if k else values
-
-
 def _summary_of(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in SUMMARY_KEYS if k in row}
 
@@ -349,7 +342,6 @@ def _before_rows(
         for j, (g, s) in enumerate(zip(gens, scores)):
             idx, item = todo[start + j]
             row = baseline_row(idx, item, g, s, primary, cfg.scoring.threshold)
-            row["samples"] = [float(x) for x in _sample_scores(s, g, primary)]
             wb.store.add_generations(
                 run_id,
                 table,
@@ -540,7 +532,6 @@ def _evaluate_config(
         emit(RowReady("side_effects", fx))
         for j, i in enumerate(eval_idx):
             after = baseline_row(i, items[i], gens[j], scores[j], primary, cfg.scoring.threshold)
-            after["samples"] = [float(x) for x in _sample_scores(scores[j], gens[j], primary)]
             wb.store.add_generations(
                 run_id,
                 "after",
