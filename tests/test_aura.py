@@ -169,3 +169,30 @@ def test_jigsaw_csv_and_bad_files(tmp_path):
     only_toxic.write_text("comment_text,toxic\nidiot,1\n", encoding="utf-8")
     with pytest.raises(UserError, match="both toxic and non-toxic"):
         load_sentence_sets(str(only_toxic), 10)
+
+
+def test_layers_restrict_the_edit_and_reuse_the_cached_expertise(tiny_lm, tmp_path):
+    from detox_tui.backends.editing import presets
+
+    ctx = _context(tmp_path)
+    everything = AuraEditor().compute(tiny_lm, [], presets.validate_hparams(tiny_lm, "aura", {}), ctx)
+    hp = presets.validate_hparams(tiny_lm, "aura", presets.apply_layers("aura", {}, [2]))
+    only_two = AuraEditor().compute(tiny_lm, [], hp, ctx)
+    assert (everything.info["cache_hit"], only_two.info["cache_hit"]) == (False, True)
+    assert only_two.layers == [2] and everything.layers == list(range(tiny_lm.n_layers))
+    assert set(only_two.deltas) <= {
+        f"{path}.{p}"
+        for path in (tiny_lm.spec.mlp_in_path(2), tiny_lm.spec.mlp_out_path(2))
+        for p in ("weight", "bias")
+    }
+    for name, delta in only_two.deltas.items():
+        assert torch.equal(delta, everything.deltas[name])
+    assert only_two.info["n_dampened"] == sum(everything.info["per_layer"]["2"].values())
+
+
+def test_builtin_sentence_sets_are_capped_per_class(tiny_lm, tmp_path):
+    delta = AuraEditor().compute(
+        tiny_lm, [], {"sentences": "builtin", "max_sentences": 20}, EditContext(cache_dir=tmp_path)
+    )
+    assert (delta.info["n_toxic"], delta.info["n_nontoxic"]) == (20, 20)
+    assert delta.info["sentences"] == "builtin" and delta.info["n_dampened"] > 0

@@ -24,7 +24,8 @@ from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, nul
 
 log = logging.getLogger(__name__)
 
-FALLBACK_HPARAMS: dict[str, Any] = {"pooling": "max", "modules": "both", "max_sentences": 500}
+# Keys AurA accepts beyond its preset section (pooling, modules, max_sentences), with their defaults.
+EXTRA_HPARAMS: dict[str, Any] = {"sentences": "builtin", "batch_size": 16, "layers": []}
 POOLINGS = ("max", "mean")
 MODULE_CHOICES = ("both", "mlp_in", "mlp_out")
 
@@ -335,15 +336,19 @@ def cached_expertise(
 
 
 class AuraEditor:
-    """AurA: request-free; every unit with AUROC > 0.5 is scaled by 2 (1 - AUROC), folded into the weights."""
+    """AurA: request-free; every unit with AUROC > 0.5 is scaled by 2 (1 - AUROC), folded into the weights.
+
+    hparams: pooling (max | mean), modules (both | mlp_in | mlp_out), max_sentences per class, sentences
+    ("builtin", a Jigsaw CSV path or "hf:<dataset>[:split]"; ctx.extra["toxic_sentences"] /
+    ["nontoxic_sentences"] win when given), batch_size, layers (empty = all). The expertise is computed
+    for every layer once and cached, so restricting ``layers`` (an ablation sweep) reuses it.
+    """
 
     name = "aura"
 
     def default_hparams(self, lm: Any) -> dict[str, Any]:
-        try:
-            from detox_tui.backends.editing import presets
-        except ImportError:  # presets.py not there yet: the documented defaults
-            return dict(FALLBACK_HPARAMS)
+        from detox_tui.backends.editing import presets
+
         return dict(presets.load_preset(lm, self.name))
 
     def compute(
@@ -353,9 +358,11 @@ class AuraEditor:
         hparams: Mapping[str, Any],
         ctx: EditContext,
     ) -> EditDelta:
-        hp = {**FALLBACK_HPARAMS, "sentences": "builtin", "batch_size": 16, **dict(hparams)}
+        hp = {**EXTRA_HPARAMS, **self.default_hparams(lm), **dict(hparams)}
         pooling, modules = str(hp["pooling"]), str(hp["modules"])
         max_sentences = int(hp["max_sentences"])
+        # An empty "layers" dampens every layer; a list restricts the edit (layer pickers, ablations).
+        only_layers = set(lm.check_layers(list(hp.get("layers") or [])))
         if "toxic_sentences" in ctx.extra or "nontoxic_sentences" in ctx.extra:
             toxic = _cap([s for s in ctx.extra.get("toxic_sentences") or [] if s.strip()], max_sentences)
             nontoxic = _cap(
@@ -382,7 +389,11 @@ class AuraEditor:
             cancel=ctx.cancel,
         )
         check_cancel(ctx.cancel)
-        alphas = {path: alphas_from_auroc(a) for path, a in expertise.items()}
+        alphas = {
+            path: alphas_from_auroc(a)
+            for path, a in expertise.items()
+            if not only_layers or _layer_of(lm, path) in only_layers
+        }
         per_layer: dict[str, dict[str, int]] = {}
         for path, alpha in alphas.items():
             n = int((alpha < 1).sum())

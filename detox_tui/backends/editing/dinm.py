@@ -17,8 +17,6 @@ from detox_tui.pipeline.events import Progress, check_cancel
 
 log = logging.getLogger(__name__)
 
-FALLBACK_HPARAMS: dict[str, Any] = {"steps": 10, "lr": 5e-4, "nll_weight": 0.1, "kl_weight": 1.0}
-
 
 def builtin_neutral_prompts() -> list[str]:
     text = resources.files("detox_tui.data").joinpath("neutral_prompts.txt").read_text(encoding="utf-8")
@@ -139,10 +137,8 @@ class DinmEditor:
     name = "dinm"
 
     def default_hparams(self, lm: Any) -> dict[str, Any]:
-        try:
-            from detox_tui.backends.editing import presets
-        except ImportError:  # presets.py not there yet: the documented defaults
-            return dict(FALLBACK_HPARAMS)
+        from detox_tui.backends.editing import presets
+
         return dict(presets.load_preset(lm, self.name))
 
     def compute(
@@ -152,7 +148,7 @@ class DinmEditor:
         hparams: Mapping[str, Any],
         ctx: EditContext,
     ) -> EditDelta:
-        hp = {**FALLBACK_HPARAMS, **dict(hparams)}
+        hp = {"layer": None, **self.default_hparams(lm), **dict(hparams)}
         steps, lr = int(hp["steps"]), float(hp["lr"])
         nll_weight, kl_weight = float(hp["nll_weight"]), float(hp["kl_weight"])
         forced = hp.get("layer")
