@@ -23,21 +23,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "finished", "failed", "cancelled")
-# The keys of a run summary shown in run lists (the full summary is in get_run).
-HEADLINE_KEYS = (
-    "n_prompts",
-    "mean",
-    "share_above",
-    "share_reduced",
-    "mean_reduction",
-    "wilcoxon_p",
-    "before_mean",
-    "after_mean",
-    "ppl_before",
-    "ppl_after",
-    "collapsed",
-)
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -91,6 +76,11 @@ def _dumps(value: Any) -> str:
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def _headline(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar entries of a run summary (nested details stay in get_run)."""
+    return {k: v for k, v in summary.items() if v is None or isinstance(v, (str, int, float, bool))}
 
 
 def _now() -> str:
@@ -307,7 +297,7 @@ class RunStore:
         return found[0]
 
     def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest runs first: id, kind, model, status, created, n_prompts, note and a headline summary."""
+        """The newest runs first: id, kind, model, status, created, n_prompts, note, error and the summary's scalars."""
         with self._connect() as conn:
             cur = conn.execute(
                 "SELECT r.id, r.kind, r.model, r.status, r.created, r.updated, r.note, r.summary, r.error, "
@@ -330,7 +320,7 @@ class RunStore:
                     "n_prompts": r["n_prompts"],
                     "note": r["note"],
                     "error": r["error"],
-                    "summary": {k: summary[k] for k in HEADLINE_KEYS if k in summary},
+                    "summary": _headline(summary),
                 }
             )
         return out
