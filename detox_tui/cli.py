@@ -879,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             err.print_exception()
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        _error_line(str(exc))
         return 2
     except Cancelled:
         err.print("cancelled; the original weights are restored and finished results are in the run store.")
@@ -898,12 +898,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         message = _known_runtime_error(exc)
         if message:
-            err.print(f"[red]error:[/] {message}", highlight=False)
+            _error_line(message)
             return 2
-        err.print(
-            f"[red]error:[/] unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)"
-        )
+        _error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return 1
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr, never wrapped (scripts grep it)."""
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
 
 
 def _known_runtime_error(exc: Exception) -> str | None:

@@ -13,7 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: on a small shared CI machine two torch threads fight over the cores and run ~10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,186 @@
+"""The headless CLI: JSON output users script against, and one-sentence errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from detox_tui.cli import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.fixture
+def prompt_file(tmp_path: Path) -> Path:
+    from detox_tui.tiny import INSULT_PAIRS
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        "\n".join(
+            json.dumps({"prompt": p, "target": safe, "category": "insult"}) for p, _, safe in INSULT_PAIRS[:3]
+        )
+    )
+    return path
+
+
+def test_baseline_json_has_rows_with_ci_and_summary(capsys, insult_model_dir, prompt_file):
+    rc, out, err = run_cli(
+        capsys,
+        "baseline",
+        "--model",
+        str(insult_model_dir),
+        "--prompts",
+        str(prompt_file),
+        "--scorer",
+        "profanity",
+        "--samples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        "--json",
+    )
+    assert rc == 0, err
+    data = json.loads(out)
+    assert set(data) >= {"run_id", "config", "rows", "summary"}
+    assert len(data["rows"]) == 3
+    for row in data["rows"]:
+        assert {"prompt", "n", "mean", "ci_low", "ci_high", "max", "share_above"} <= set(row)
+        assert row["n"] == 3
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    # The trained model insults on these prompts: a clearly toxic baseline.
+    assert data["summary"]["mean"] > 0.5
+
+
+def test_baseline_same_seed_gives_identical_table(capsys, insult_model_dir, prompt_file):
+    args = [
+        "baseline",
+        "--model",
+        str(insult_model_dir),
+        "--prompts",
+        str(prompt_file),
+        "--scorer",
+        "profanity",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        "--seed",
+        "7",
+        "--json",
+    ]
+    first = json.loads(run_cli(capsys, *args)[1])
+    second = json.loads(run_cli(capsys, *args)[1])
+    assert [r["generations"] for r in first["rows"]] == [r["generations"] for r in second["rows"]]
+    assert [r["mean"] for r in first["rows"]] == [r["mean"] for r in second["rows"]]
+
+
+def test_runs_list_show_and_export_after_a_baseline(capsys, insult_model_dir, prompt_file, tmp_path):
+    rc, out, _ = run_cli(
+        capsys,
+        "baseline",
+        "--model",
+        str(insult_model_dir),
+        "--prompts",
+        str(prompt_file),
+        "--scorer",
+        "profanity",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+    )
+    run_id = json.loads(out)["run_id"]
+    rc, out, _ = run_cli(capsys, "runs", "list", "--json")
+    assert rc == 0 and run_id in [r["id"] for r in json.loads(out)["runs"]]
+    rc, out, _ = run_cli(capsys, "runs", "show", run_id[:12])
+    assert rc == 0 and run_id in out
+    for fmt in ("csv", "json", "md", "jsonl"):
+        target = tmp_path / f"export.{fmt}"
+        rc, _, err = run_cli(capsys, "runs", "export", run_id, "--format", fmt, "--out", str(target))
+        assert rc == 0, err
+        assert target.stat().st_size > 0
+    lines = (tmp_path / "export.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 2  # one generation per line
+    assert "scores" in json.loads(lines[0])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["baseline", "--prompts", "/nonexistent/prompts.csv", "--scorer", "profanity"], "does not exist"),
+        (["baseline", "--model", "/nonexistent/model-dir", "--scorer", "profanity"], "model"),
+        (
+            ["baseline", "--model", "no-such-org/no-such-model-xyz", "--scorer", "profanity"],
+            "no-such-model-xyz",
+        ),
+        (["baseline", "--device", "cuda", "--scorer", "profanity", "--model", "MODEL"], "CUDA"),
+        (["baseline", "--scorer", "nonsense-scorer", "--model", "MODEL"], "scorer"),
+        (
+            ["baseline", "--model", "MODEL", "--scorer", "profanity", "--out", "/nonexistent-dir/x.csv"],
+            "Cannot write",
+        ),
+        (["baseline", "--model", "MODEL", "--scorer", "profanity", "--out", "OUT.xlsx"], "xlsx"),
+        (["edit", "--model", "MODEL", "--scorer", "profanity", "--layers", "1,99"], "out of range"),
+        (["edit", "--model", "MODEL", "--scorer", "profanity", "--method", "magic"], "magic"),
+        (["ablate", "--model", "MODEL", "--scorer", "profanity", "--configs", "1;x"], "configuration"),
+        (["runs", "show", "no-such-run"], "no-such-run"),
+        (["apply-delta", "/nonexistent/delta.safetensors", "--model", "MODEL"], "does not exist"),
+        (["trace", "--prompt", "hello", "--kind", "weird", "--model", "MODEL"], "kind"),
+    ],
+)
+def test_user_errors_are_one_sentence_with_exit_2(
+    capsys, args, needle, tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if "--device" in args and "cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    args = [
+        str(tiny_model_dir) if a == "MODEL" else str(tmp_path / "out.xlsx") if a == "OUT.xlsx" else a
+        for a in args
+    ]
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    assert needle.lower() in err.lower()
+    assert err.strip().count("\n") == 0  # one line
+
+
+def test_empty_prompt_file_is_a_user_error(capsys, tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    rc, _, err = run_cli(
+        capsys, "baseline", "--model", str(tiny_model_dir), "--prompts", str(empty), "--scorer", "profanity"
+    )
+    assert rc == 2
+    assert "empty.txt" in err
+
+
+def test_console_script_error_has_no_traceback_unless_debug(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DETOX_TUI_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "detox_tui", "baseline", "--prompts", str(tmp_path / "missing.json")]
+    plain = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode == 2
+    assert "Traceback" not in plain.stderr
+    assert "missing.json" in plain.stderr
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=env, timeout=120)
+    assert debug.returncode == 2
+    assert "Traceback" in debug.stderr
