@@ -118,3 +118,13 @@ def test_default_hparams_are_the_documented_dinm_preset(tiny_lm):
     hp = DinmEditor().default_hparams(tiny_lm)
     assert hp["steps"] == 10 and hp["lr"] == pytest.approx(5e-4)
     assert hp["nll_weight"] == pytest.approx(0.1) and hp["kl_weight"] == pytest.approx(1.0)
+
+
+def test_validated_preset_hparams_locate_per_request(insult_lm):
+    from detox_tui.backends.editing import presets
+
+    hp = presets.validate_hparams(insult_lm, "dinm", {"steps": 1})
+    assert hp["layer"] is None
+    delta = DinmEditor().compute(insult_lm, _requests(), hp, EditContext())
+    assert delta.info["forced_layer"] is False
+    assert len(delta.info["located_layers"]) == 3
