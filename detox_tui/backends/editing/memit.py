@@ -1,0 +1,114 @@
+"""MEMIT (Meng et al. 2022): batched z optimisation at the last edited layer, float64 least squares per layer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.common import (
+    compute_keys,
+    compute_targets,
+    context_templates,
+    module_output_at_key,
+    solve_psd,
+    template_hparams,
+)
+from detox_tui.backends.models import to_param_layout
+from detox_tui.pipeline.events import Progress, check_cancel
+
+log = logging.getLogger(__name__)
+
+
+def weight_name(lm: Any, layer: int) -> str:
+    """The state-dict name of layer ``layer``'s out-projection weight."""
+    return f"{lm.spec.mlp_out_path(layer)}.weight"
+
+
+def linalg_device(lm: Any) -> torch.device:
+    """Where float64 linear algebra runs: the model's device, except MPS (no float64 there)."""
+    return torch.device("cpu") if lm.device.type == "mps" else lm.device
+
+
+def layer_covariances(lm: Any, layers: Sequence[int], ctx: EditContext) -> dict[int, torch.Tensor]:
+    """C_l for ``layers`` from the context's provider, or computed (and cached) by backends.stats."""
+    if ctx.covariance is not None:
+        return ctx.covariance(lm, list(layers))
+    from detox_tui.backends.stats import covariance
+
+    return covariance(
+        lm,
+        list(layers),
+        corpus=ctx.stats_corpus,
+        tokens=ctx.stats_tokens,
+        cache_dir=ctx.cache_dir,
+        emit=ctx.emit,
+        cancel=ctx.cancel,
+    )
+
+
+class MemitEditor:
+    """Mass edit of the out-projections of layers R; weights are restored before ``compute`` returns."""
+
+    name = "memit"
+
+    def default_hparams(self, lm: Any) -> dict[str, Any]:
+        from detox_tui.backends.editing.presets import load_preset
+
+        return load_preset(lm, self.name)
+
+    def compute(
+        self,
+        lm: Any,
+        requests: Sequence[EditRequest],
+        hparams: Mapping[str, Any],
+        ctx: EditContext,
+    ) -> EditDelta:
+        from detox_tui.backends.editing.presets import validate_hparams
+
+        hp = validate_hparams(lm, self.name, {**self.default_hparams(lm), **dict(hparams)})
+        layers = sorted(hp["layers"])
+        last = layers[-1]
+        n_templates, length = template_hparams(hp)
+        templates = context_templates(lm, n=n_templates, length=length)
+        z = compute_targets(
+            lm, requests, lm.spec.block_path(last), templates, hp, emit=ctx.emit, cancel=ctx.cancel
+        )
+        zs = z.target.to("cpu", torch.float64)
+        covs = layer_covariances(lm, layers, ctx)
+        dev = linalg_device(lm)
+        lam = float(hp["mom2_update_weight"])
+        deltas: dict[str, torch.Tensor] = {}
+        applied: list[EditDelta] = []
+        try:
+            for j, layer in enumerate(layers):
+                check_cancel(ctx.cancel)
+                keys = compute_keys(lm, layer, requests, templates).to(dev)  # [n, d_mlp]
+                current = module_output_at_key(lm, lm.spec.block_path(last), requests)
+                resid = ((zs - current) / (len(layers) - j)).to(dev)  # [n, d_model]
+                gram = lam * covs[layer].to(dev, torch.float64) + keys.T @ keys
+                # Delta W = resid K^T (lambda C + K K^T)^-1, with K = keys^T; the matrix is symmetric.
+                update = resid.T @ solve_psd(gram, keys.T).T  # [d_model, d_mlp] (out, in)
+                delta = to_param_layout(update.to(torch.float32), lm.spec).cpu()
+                step = EditDelta(deltas={weight_name(lm, layer): delta}, method=self.name, model_name=lm.name)
+                step.apply(lm.model)
+                applied.append(step)
+                deltas[weight_name(lm, layer)] = delta
+                log.info("memit layer %d: ||dW|| = %.4g", layer, float(update.norm()))
+                ctx.emit(Progress("memit layers", j + 1, len(layers), f"layer {layer}"))
+            check_cancel(ctx.cancel)
+        finally:
+            for step in reversed(applied):
+                step.revert(lm.model)
+        return EditDelta(
+            deltas=deltas,
+            method=self.name,
+            model_name=lm.name,
+            layers=layers,
+            hparams=dict(hp),
+            requests=[r.to_dict() for r in requests],
+            info={"z_loss": z.losses, "z_steps": z.steps, "templates": templates},
+        )
