@@ -117,9 +117,10 @@ class FineTuneEditor:
                     n, device=lm.device
                 ).index_add(0, tgt_req, torch.ones_like(per_tok))
                 loss = per_req.mean()
-                losses.append(float(loss))
-                ctx.emit(Progress("ft", step + 1, steps, f"loss {float(loss):.4f}"))
-                if float(loss) < STOP_LOSS:
+                value = float(loss.detach())
+                losses.append(value)
+                ctx.emit(Progress("ft", step + 1, steps, f"loss {value:.4f}"))
+                if value < STOP_LOSS:
                     break
                 opt.zero_grad()
                 loss.backward()
