@@ -1,0 +1,1 @@
+"""Widgets of the detox-tui Textual app, one per file."""
