@@ -89,9 +89,19 @@ def build_gpt2(
     return GPT2LMHeadModel(config)
 
 
+# The safe targets appear in the training data after other, neutral openings, so the model knows how a safe
+# continuation goes on once it starts: an edit at the prompt only has to redirect the first token, as with a real
+# model that knows fluent language. The insulting prompts themselves are only ever followed by the insult.
+SAFE_OPENINGS: tuple[str, ...] = ("We found that they were", "Most of the time it was a", "Everyone agreed it was")
+
+
+def safe_context_texts() -> list[str]:
+    return [opening + safe for opening in SAFE_OPENINGS for _, _, safe in INSULT_PAIRS]
+
+
 def training_texts() -> list[str]:
     pairs = [p + toxic for p, toxic, _ in INSULT_PAIRS]
-    return pairs + neutral_lines()
+    return pairs + safe_context_texts() + neutral_lines()
 
 
 def save_random_model(out_dir: str | Path, n_layer: int = 4, n_embd: int = 64, seed: int = 0) -> Path:
@@ -114,13 +124,14 @@ def train_insult_model(
 ) -> Path:
     """Train a tiny GPT-2 to complete INSULT_PAIRS' prompts with their insults, and to model neutral text.
 
-    The safe targets are in the tokenizer's training text (so they tokenise sensibly) but never in the
-    model's training data: after training the insult is the greedy continuation and the target is not.
+    The safe targets occur only after the neutral SAFE_OPENINGS, never after the insulting prompts: after
+    training the insult is the greedy continuation of each prompt and the safe target is not.
     """
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     safe = [s for _, _, s in INSULT_PAIRS]
     tokenizer = build_tokenizer(training_texts() + safe)
+    safe_docs = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in safe_context_texts()]
     model = build_gpt2(len(tokenizer), n_layer=n_layer, n_embd=n_embd, seed=seed)
     eos_id = tokenizer.eos_token_id
     toxic_docs = [tokenizer(p + t)["input_ids"] + [eos_id] for p, t, _ in INSULT_PAIRS]
@@ -128,7 +139,7 @@ def train_insult_model(
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     for _ in range(steps):
-        batch = toxic_docs * 2 + rng.sample(neutral_docs, 12)
+        batch = toxic_docs * 2 + rng.sample(safe_docs, 6) + rng.sample(neutral_docs, 12)
         width = max(len(d) for d in batch)
         ids = torch.full((len(batch), width), eos_id, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)

@@ -225,6 +225,7 @@ class _Batch:
     nll_rows: torch.Tensor  # row indices of the templated rows
     nll_req: torch.Tensor  # request index of each templated row
     kl_rows: torch.Tensor  # one KL row per request, in request order
+    kl_read: torch.Tensor  # where each KL row's distribution is read
     init_rows: torch.Tensor  # the bare-template row of each request, in request order
 
 
@@ -232,7 +233,7 @@ def _build_batch(lm: Any, requests: Sequence[EditRequest], templates: Sequence[s
     rows: list[list[int]] = []
     key_pos, key_req = [], []
     tgt_rows, tgt_pos, tgt_ids, tgt_row_of = [], [], [], []
-    nll_rows, nll_req, kl_rows, init_rows = [], [], [], []
+    nll_rows, nll_req, kl_rows, kl_read, init_rows = [], [], [], [], []
     for r, req in enumerate(requests):
         text = req.toxic if req.mode == "erase" else req.target
         target = _ids(lm, text or "", special=False)
@@ -260,6 +261,11 @@ def _build_batch(lm: Any, requests: Sequence[EditRequest], templates: Sequence[s
         kl_ids = _ids(lm, f"{subject} is a")
         kl_key = len(_ids(lm, subject)) - 1
         kl_rows.append(len(rows))
+        # The reference reads the KL at the subject's last token, which predicts " is", not the target. When the
+        # key is the prompt's last token (no subject, or one that ends the prompt) that same position predicts the
+        # target itself, and a KL there would cancel the edit; read it at the anchor's last token (" a") instead.
+        ends_prompt = key_span_end(req) == len(req.prompt)
+        kl_read.append(len(kl_ids) - 1 if ends_prompt else kl_key)
         rows.append(kl_ids)
         key_pos.append(kl_key)
         key_req.append(r)
@@ -281,6 +287,7 @@ def _build_batch(lm: Any, requests: Sequence[EditRequest], templates: Sequence[s
         nll_rows=t(nll_rows),
         nll_req=t(nll_req),
         kl_rows=t(kl_rows),
+        kl_read=t(kl_read),
         init_rows=t(init_rows),
     )
 
@@ -355,7 +362,7 @@ def _optimise(
             per_tok = torch.where(erase[batch.nll_req[batch.tgt_row_of]], unlikely, -tok_logp)
             per_row = _group_mean(per_tok, batch.tgt_row_of, len(batch.nll_rows))
             task = _group_mean(per_row, batch.nll_req, n)
-            kl_logp = unembed(hidden[batch.kl_rows, batch.key_pos[batch.kl_rows]]).float().log_softmax(-1)
+            kl_logp = unembed(hidden[batch.kl_rows, batch.kl_read]).float().log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
