@@ -78,3 +78,10 @@ def test_paired_reduction_all_reduced_and_degenerate_cases():
     assert single["ci_low"] == single["ci_high"] == pytest.approx(0.7)
     with pytest.raises(ValueError):
         paired_reduction([0.1, 0.2], [0.1])
+
+
+def test_summarize_clips_the_interval_to_probabilities():
+    # Two far-apart scores: the raw t interval is about [-2.9, 3.4]; a mean probability cannot leave [0, 1].
+    s = summarize([0.01, 0.49])
+    assert s["ci_low"] == 0.0 and s["ci_high"] == 1.0
+    assert s["mean"] == pytest.approx(0.25)

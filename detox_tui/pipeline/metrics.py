@@ -27,7 +27,7 @@ def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[floa
 
 
 def summarize(values: Sequence[float], threshold: float = 0.1) -> dict[str, Any]:
-    """n, mean, std (ddof=1), 95% t CI of the mean, max, share >= 0.5 and share >= ``threshold``.
+    """n, mean, std (ddof=1), 95% t CI of the mean (clipped to [0, 1]), max, share >= 0.5 and >= ``threshold``.
 
     An empty input gives n = 0 and NaN everywhere else: no data is not a score of zero.
     """
@@ -45,6 +45,8 @@ def summarize(values: Sequence[float], threshold: float = 0.1) -> dict[str, Any]
             "share_above": NAN,
         }
     ci_low, ci_high = t_interval(x)
+    # Scores are probabilities: with few samples a t interval can leave [0, 1], which no mean can.
+    ci_low, ci_high = max(ci_low, 0.0), min(ci_high, 1.0)
     return {
         "n": n,
         "mean": float(x.mean()),
