@@ -77,7 +77,13 @@ def test_named_presets_for_gpt2_medium_and_xl():
         "nll_weight": 0.1,
         "kl_weight": 1.0,
     }
-    assert presets.load_preset(medium, "aura") == {"pooling": "max", "modules": "both", "max_sentences": 500}
+    assert presets.load_preset(medium, "aura") == {
+        "pooling": "max",
+        "modules": "both",
+        "max_sentences": 500,
+        "sentences": "builtin",
+        "batch_size": 16,
+    }
     xl = fake_lm("openai-community/gpt2-xl", 48)
     assert presets.load_preset(xl, "memit")["layers"] == [13, 14, 15, 16, 17]
     assert presets.load_preset(xl, "memit")["v_loss_layer"] == 47
