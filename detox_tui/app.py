@@ -109,7 +109,7 @@ class DetoxApp(App[None]):
             Binding(str(i + 1), f"show_tab('{tab}')", title, show=False)
             for i, (tab, title) in enumerate(TABS)
         ],
-        Binding("q", "quit", "Quit"),
+        Binding("q", "quit", "Quit", show=False),
     ]
 
     def __init__(
@@ -168,7 +168,7 @@ class DetoxApp(App[None]):
             yield Label(self._model_status("loading"), id="model-status")
             yield Label("idle", id="stage")
             yield ProgressBar(total=1, id="progress", show_eta=True, show_percentage=True)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = self._short_model()
@@ -553,7 +553,7 @@ class DetoxApp(App[None]):
 
         self.last_trace = result
         peak = peak_layers(result, k=min(3, result.layers))
-        title = f"{result.kind} trace of{result.continuation!r}: p clean {result.p_clean:.3f}, corrupted {result.p_corrupted:.3f}"
+        title = f"{result.kind} trace of {result.continuation.strip()!r}: p clean {result.p_clean:.3f}, corrupted {result.p_corrupted:.3f}"
         self.query_one(TracePanel).show_result(result.tokens, result.scores, peak, title)
         self.query_one(LayerPicker).set_trace_peak(peak)
         self._set_stage("trace finished", 1, 1)

@@ -107,10 +107,13 @@ class MethodForm(Vertical):
                 id="protocol",
                 compact=True,
             )
+        with Horizontal(classes="row"):
+            yield Label("Hyperparameters (the model's preset)", classes="section")
             yield Button("Reset", id="hp-reset", compact=True)
         with VerticalScroll(id="hp-fields"):
             yield Label("Hyperparameters appear when the model has loaded.", id="hp-empty", classes="dim")
             yield Vertical(id="hp-inputs")
+            yield Label("Run settings", classes="section")
             with Vertical(id="run-inputs"):
                 for key, (label, default) in RUN_FIELDS.items():
                     with Horizontal(classes="hp-row"):

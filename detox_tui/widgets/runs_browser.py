@@ -64,7 +64,6 @@ class RunsBrowser(DataTable):
             ("model", "model"),
             ("n", "prompts"),
             ("headline", "result"),
-            ("created", "created"),
         ):
             self.add_column(label, key=key)
 
@@ -80,13 +79,12 @@ class RunsBrowser(DataTable):
         style = {"finished": "green", "failed": "red", "cancelled": "yellow"}.get(status, "")
         return [
             Text("*", style="bold cyan") if run["id"] in self.marked else "",
-            run["id"][:12],
+            run["id"],
             run.get("kind") or "",
             Text(status, style=style),
             str(run.get("model") or "").rstrip("/").rsplit("/", 1)[-1][:18],
             str(run.get("n_prompts") or ""),
             _headline(run.get("summary") or {}),
-            str(run.get("created") or "")[:16],
         ]
 
     def current_id(self) -> str | None:
@@ -132,7 +130,7 @@ def _fmt(value: Any) -> str:
 
 def run_panel(run: dict[str, Any]) -> Table:
     """A run's summary and the config values that define it."""
-    table = Table(title=f"{run['kind']} {run['id'][:12]}", expand=True, title_justify="left")
+    table = Table(title=f"{run['kind']} {run['id']}", expand=True, title_justify="left")
     table.add_column("", style="dim", no_wrap=True)
     table.add_column("value", ratio=1)
     table.add_row("status", str(run.get("status")))
@@ -141,9 +139,12 @@ def run_panel(run: dict[str, Any]) -> Table:
     summary = run.get("summary") or {}
     table.add_row("summary", summary_text(run["kind"], summary))
     config = run.get("config") or {}
-    for key in ("method", "layers", "mode", "protocol", "hparams"):
-        if config.get(key) not in (None, {}, []):
-            table.add_row(key, _fmt(config[key]) if key != "hparams" else str(config[key]))
+    if config.get("method"):
+        for key in ("method", "layers", "mode", "protocol"):
+            if config.get(key) not in (None, [], ""):
+                table.add_row(key, _fmt(config[key]))
+        for key, value in sorted((config.get("hparams") or {}).items()):
+            table.add_row(f"  {key}", _fmt(value))
     gen = config.get("generation") or {}
     if gen:
         table.add_row(

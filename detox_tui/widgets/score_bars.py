@@ -17,10 +17,10 @@ def bar(value: float | None, width: int = 20, style: str = "red") -> Text:
     """A horizontal bar for a value in [0, 1], plain block characters (no true colour needed)."""
     if value is None or math.isnan(value):
         return Text("n/a".ljust(width), style="dim")
-    filled = max(0.0, min(1.0, float(value))) * width
-    full = int(filled + 1e-9)
+    halves = round(max(0.0, min(1.0, float(value))) * width * 2)
+    full = halves // 2
     text = Text("█" * full, style=style)
-    if filled - full >= 0.5 and full < width:
+    if halves % 2:
         text.append("▌", style=style)
         full += 1
     text.append("·" * (width - full), style="dim")
