@@ -521,7 +521,13 @@ def ablate(
         )
         return
     console.print(ablation_table(result.configs or []))
-    console.print(f"run {result.run_id}: best configuration {result.summary.get('best')}")
+    best = result.summary.get("best")
+    if best is None or not result.summary.get("best_success"):
+        console.print(f"run {result.run_id}: no configuration reduced toxicity without collapsing the model")
+    else:
+        console.print(
+            f"run {result.run_id}: best configuration {best} ({100 * result.summary['best_success']:.1f}% reduced)"
+        )
 
 
 @app.command()
@@ -740,7 +746,8 @@ def runs_list(
         console.print(f"no runs yet in {store.path}")
         return
     table = Table(title=f"Runs in {store.path}")
-    for col in ("id", "kind", "model", "status", "created", "prompts"):
+    table.add_column("id", no_wrap=True)
+    for col in ("kind", "model", "status", "created", "prompts"):
         table.add_column(col)
     for r in runs:
         table.add_row(
