@@ -37,6 +37,35 @@ def test_one_pass_equals_one_pass_per_layer(tiny_lm):
     assert bool((one[0].diagonal() > 0).all())
 
 
+def test_float32_batch_products_match_a_float64_reference(tiny_lm):
+    # Reference: every document forwarded alone (no padding), its keys multiplied out in float64.
+    texts = neutral_lines()[:20]
+    layer = 2
+    keys: list[torch.Tensor] = []
+    module = tiny_lm.module(tiny_lm.spec.mlp_out_path(layer))
+    handle = module.register_forward_pre_hook(lambda _m, inputs: keys.append(inputs[0][0].double()))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tiny_lm.tokenizer(text, add_special_tokens=True, truncation=True, max_length=256)[
+                    "input_ids"
+                ]
+                tiny_lm.model(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        handle.remove()
+    k = torch.cat(keys)
+    reference = k.T @ k / k.shape[0]
+    ours = covariance(tiny_lm, [layer], texts=texts, tokens=k.shape[0], batch_size=4)[layer]
+    assert ours.dtype == torch.float64
+    rel = float(torch.linalg.matrix_norm(ours - reference) / torch.linalg.matrix_norm(reference))
+    assert rel < 1e-5, rel
+    # The full-forward baseline (no early stop) sees the same keys.
+    full = covariance_per_layer(
+        tiny_lm, [layer], texts=texts, tokens=k.shape[0], batch_size=4, early_stop=False
+    )
+    assert torch.equal(full[layer], ours)
+
+
 def test_token_budget_and_padding_do_not_change_the_result(tiny_lm):
     texts = neutral_lines()[:12]
     a = covariance(tiny_lm, [1], texts=texts, tokens=10_000, batch_size=1)[1]

@@ -169,8 +169,15 @@ def _collect(
     emit: EventCallback,
     cancel: threading.Event | None,
     stage: str = "covariance",
+    early_stop: bool = True,
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """One streaming pass over ``docs``: sum of k k^T for every layer in ``layers``, stopped after the deepest."""
+    """One streaming pass over ``docs``: sum of k k^T for every layer in ``layers``.
+
+    Each batch's Gram matrix is one float32 GEMM (``flat.T @ flat``); the running sum across batches is
+    float64, so the rounding error does not grow with the number of batches. With ``early_stop`` the
+    forward stops after the deepest needed layer; without it every batch runs the whole model (the way
+    the reference implementation does it, kept for benchmarks).
+    """
     acc_dev = _acc_device(lm)
     d_mlp = lm.d_mlp
     sums = {layer: torch.zeros((d_mlp, d_mlp), dtype=torch.float64, device=acc_dev) for layer in layers}
@@ -180,9 +187,11 @@ def _collect(
     def make_hook(layer: int):
         def hook(_module, inputs, _output=None):
             keys = inputs[0]
-            flat = keys[current_mask["mask"]].to(acc_dev, torch.float64)
-            sums[layer].addmm_(flat.T, flat)
-            if layer == deepest:
+            flat = keys[current_mask["mask"]].to(acc_dev, torch.float32)
+            # Per-batch product in float32 (one sgemm: several times faster than float64 on CPUs),
+            # added into the float64 streaming sum.
+            sums[layer].add_(torch.mm(flat.T, flat))
+            if early_stop and layer == deepest:
                 raise _StopForward
 
         return hook
@@ -277,6 +286,10 @@ def covariance(
 ) -> dict[int, torch.Tensor]:
     """C_l = mean over corpus tokens of k k^T (k = out-projection input, d_mlp), float64 on the CPU.
 
+    Precision: each batch's product k^T k is computed in float32 (one GEMM per batch and layer) and
+    the streaming sum across batches, the division by the token count and the result are float64
+    (agrees with an all-float64 computation to a relative error well under 1e-5; tested).
+
     All requested layers are collected in one forward pass per batch (pre-hooks on the out-projections;
     the forward stops after the deepest needed layer). Padding tokens are skipped. The budget is
     ``tokens`` (default ``default_stats_tokens``); a shorter corpus is used whole, with a warning. With
@@ -313,8 +326,13 @@ def covariance_per_layer(
     max_length: int = 256,
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
+    early_stop: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """The reference way: one pass over the corpus per layer (a baseline for benchmarks and tests)."""
+    """The reference way: one pass over the corpus per layer (a baseline for benchmarks and tests).
+
+    Each pass stops after its layer; ``early_stop=False`` runs the whole model every time, as the
+    original MEMIT ``layer_stats`` does.
+    """
     layers, budget, label = _prepare(lm, layers, corpus, texts, tokens, max_length)
     docs = _token_docs(lm, _corpus_texts(corpus, texts), budget, max_length)
     out: dict[int, torch.Tensor] = {}
@@ -325,6 +343,15 @@ def covariance_per_layer(
             if cached is not None:
                 out[layer] = cached
                 continue
-        sums, count = _collect(lm, [layer], docs, batch_size, emit, cancel, stage=f"covariance layer {layer}")
+        sums, count = _collect(
+            lm,
+            [layer],
+            docs,
+            batch_size,
+            emit,
+            cancel,
+            stage=f"covariance layer {layer}",
+            early_stop=early_stop,
+        )
         out.update(_finish(lm, [layer], budget, label, cache_dir, sums, count, emit))
     return out
