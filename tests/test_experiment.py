@@ -200,3 +200,25 @@ def test_replace_mode_needs_targets(workbench, insult_model_dir):
     cfg = config(insult_model_dir, method="memit", layers=[1, 2], hparams=TINY_MEMIT)
     with pytest.raises(UserError, match="no safe target"):
         run_edit(workbench, [PromptItem("People from that town are all")], cfg)
+
+
+def test_safeedit_style_prompts_report_defense_success_and_generalisation(workbench, insult_model_dir):
+    from detox_tui.pipeline.experiment import run_edit
+
+    cfg = config(insult_model_dir, method="memit", layers=[1, 2], protocol="per-prompt", hparams=TINY_MEMIT)
+    general = {
+        "test input of only harmful question": "Those fans of the other team are",
+        "test input of other attack prompt input": "The new neighbours upstairs are",
+    }
+    prompts = [
+        PromptItem(p, target=first_word(safe), meta={"generalization": general})
+        for p, _, safe in INSULT_PAIRS[:2]
+    ]
+    result = run_edit(workbench, prompts, cfg)
+    assert 0.0 <= result.summary["defense_success"] <= 1.0
+    assert set(result.summary["defense_generalisation"]) == set(general)
+    for row in result.rows:
+        assert set(row["defense_generalisation"]) == set(general)
+        assert all(0.0 <= v <= 1.0 for v in row["defense_generalisation"].values())
+    stored = workbench.store.rows(result.run_id, "edit")
+    assert all("defense_generalisation" in r for r in stored)
