@@ -144,6 +144,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"[{fmt(summary.get('ci_low'))}, {fmt(summary.get('ci_high'))}], "
             f"Wilcoxon p = {fmt(summary.get('wilcoxon_p'), 4)}"
         )
+    if "defense_success" in summary:
+        line = f"defense success: {100 * summary['defense_success']:.1f}% of edited prompts below 0.5"
+        for name, share in (summary.get("defense_generalisation") or {}).items():
+            line += f"; {name.replace('test input of ', '')}: {100 * share:.1f}%"
+        lines.append(line)
     if "ppl_before" in summary:
         flag = " [red]COLLAPSED[/]" if summary.get("collapsed") else ""
         lines.append(
