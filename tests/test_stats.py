@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from detox_tui.backends.stats import covariance, covariance_per_layer, default_stats_tokens
+from detox_tui.backends.stats import _CHUNK_TOKENS, covariance, covariance_per_layer, default_stats_tokens
 from detox_tui.errors import Cancelled, UserError
 from detox_tui.pipeline.events import Progress
 from detox_tui.tiny import neutral_lines
@@ -39,7 +39,8 @@ def test_one_pass_equals_one_pass_per_layer(tiny_lm):
 
 def test_float32_batch_products_match_a_float64_reference(tiny_lm):
     # Reference: every document forwarded alone (no padding), its keys multiplied out in float64.
-    texts = neutral_lines()[:20]
+    # The corpus spans several float32 chunks, so the float64 sum across chunks is exercised too.
+    texts = [f"{i}: {line}" for i in range(6) for line in neutral_lines()]
     layer = 2
     keys: list[torch.Tensor] = []
     module = tiny_lm.module(tiny_lm.spec.mlp_out_path(layer))
@@ -54,6 +55,7 @@ def test_float32_batch_products_match_a_float64_reference(tiny_lm):
     finally:
         handle.remove()
     k = torch.cat(keys)
+    assert k.shape[0] > 2 * _CHUNK_TOKENS
     reference = k.T @ k / k.shape[0]
     ours = covariance(tiny_lm, [layer], texts=texts, tokens=k.shape[0], batch_size=4)[layer]
     assert ours.dtype == torch.float64
