@@ -166,6 +166,13 @@ class LoadedModel:
         return int(w.shape[1])
 
     @property
+    def pad_id(self) -> int:
+        """The id used for padding: the tokenizer's pad token, else EOS, else 0."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad if pad is not None else 0)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
@@ -191,6 +198,22 @@ class LoadedModel:
             stamp = max((f.stat().st_mtime_ns for f in p.glob("*") if f.is_file()), default=0)
             rev = f"{rev}local:{p.resolve()}:{stamp}"
         return f"{self.name}@{rev}"
+
+
+def pad_batch(
+    rows, pad_id: int, device: torch.device, *, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, attention mask) padded on ``side``; right padding keeps natural positions."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not row:
+            continue
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from detox_tui.backends.models import LoadedModel
+from detox_tui.backends.models import LoadedModel, pad_batch
 from detox_tui.config import GenerationConfig
 from detox_tui.errors import UserError
 from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
@@ -59,25 +59,6 @@ def _prompt_ids(lm: LoadedModel, prompt: str, room: int | None) -> list[int]:
     return ids
 
 
-def _left_pad(
-    rows: Sequence[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(lm: LoadedModel) -> int:
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
 def _check_config(cfg: GenerationConfig, ctx: int | None) -> None:
     if cfg.samples < 0:
         raise UserError(f"The number of samples must be 0 or more, not {cfg.samples}.")
@@ -106,7 +87,7 @@ def _generation_config(lm: LoadedModel, cfg: GenerationConfig, *, sample: bool, 
     gc.min_length = 0
     gc.num_beams = 1
     gc.num_return_sequences = n_return
-    gc.pad_token_id = _pad_id(lm)
+    gc.pad_token_id = lm.pad_id
     gc.repetition_penalty = 1.0
     gc.no_repeat_ngram_size = 0
     if sample:
@@ -148,7 +129,7 @@ def generate_continuations(
     _check_config(cfg, ctx)
     want_greedy = cfg.greedy or cfg.samples == 0
     room = None if ctx is None else ctx - cfg.max_new_tokens
-    pad_id = _pad_id(lm)
+    pad_id = lm.pad_id
     batch_size = max(1, int(cfg.batch_size))
     sample_cfg = _generation_config(lm, cfg, sample=True, n_return=cfg.samples) if cfg.samples > 0 else None
     greedy_cfg = _generation_config(lm, cfg, sample=False, n_return=1) if want_greedy else None
@@ -159,7 +140,7 @@ def generate_continuations(
     for b, start in enumerate(range(0, total, batch_size)):
         check_cancel(cancel)
         part = prompts[start : start + batch_size]
-        ids, mask = _left_pad([_prompt_ids(lm, p, room) for p in part], pad_id, lm.device)
+        ids, mask = pad_batch([_prompt_ids(lm, p, room) for p in part], pad_id, lm.device, side="left")
         samples: list[list[str]] = [[] for _ in part]
         if sample_cfg is not None:
             with torch.random.fork_rng(devices=rng_devices, device_type=lm.device.type):
@@ -176,18 +157,6 @@ def generate_continuations(
             results.append(PromptGenerations(prompt=p, samples=list(s), greedy=g))
         emit(Progress(stage, len(results), total))
     return results
-
-
-def _right_pad(
-    rows: Sequence[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -212,7 +181,7 @@ def continuation_logprob(
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     ctx = context_length(lm)
-    pad_id = _pad_id(lm)
+    pad_id = lm.pad_id
     pairs: list[tuple[list[int], int]] = []  # (full ids, number of continuation tokens)
     for prompt, cont in zip(prompts, continuations):
         c_ids = _encode(lm, cont, special=False)
@@ -223,7 +192,7 @@ def continuation_logprob(
     out = torch.full((len(pairs),), float("nan"), dtype=torch.float32)
     for start in range(0, len(pairs), max(1, batch_size)):
         chunk = pairs[start : start + batch_size]
-        ids, mask = _right_pad([full for full, _ in chunk], pad_id, lm.device)
+        ids, mask = pad_batch([full for full, _ in chunk], pad_id, lm.device)
         logits = lm.model(input_ids=ids, attention_mask=mask).logits
         for j, (full, n_cont) in enumerate(chunk):
             if n_cont == 0:

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from detox_tui.backends.models import LoadedModel
+from detox_tui.backends.models import LoadedModel, pad_batch
 from detox_tui.errors import UserError
-from detox_tui.pipeline.generation import _encode, _pad_id, _right_pad, context_length, token_logprobs
+from detox_tui.pipeline.generation import _encode, context_length, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ def perplexity(
             docs.append(ids)
     if not docs:
         return float("nan")
-    pad_id = _pad_id(lm)
+    pad_id = lm.pad_id
     total_nll = 0.0
     count = 0
     for start in range(0, len(docs), max(1, batch_size)):
         chunk = docs[start : start + batch_size]
-        ids, mask = _right_pad(chunk, pad_id, lm.device)
+        ids, mask = pad_batch(chunk, pad_id, lm.device)
         logits = lm.model(input_ids=ids, attention_mask=mask).logits
         for j, doc in enumerate(chunk):
             n = len(doc)
@@ -81,11 +81,11 @@ def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], *, batch_size: 
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
     if not rows:
         return torch.zeros((0, vocab), dtype=torch.float32)
-    pad_id = _pad_id(lm)
+    pad_id = lm.pad_id
     out = []
     for start in range(0, len(rows), max(1, batch_size)):
         chunk = rows[start : start + batch_size]
-        ids, mask = _right_pad(chunk, pad_id, lm.device)
+        ids, mask = pad_batch(chunk, pad_id, lm.device)
         logits = lm.model(input_ids=ids, attention_mask=mask).logits
         last = torch.tensor([len(r) - 1 for r in chunk], device=logits.device)
         picked = logits[torch.arange(len(chunk), device=logits.device), last].float()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import linear_weight_out_in, to_param_layout
 from detox_tui.errors import UserError
 from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
@@ -25,7 +26,6 @@ from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, nul
 log = logging.getLogger(__name__)
 
 # Keys AurA accepts beyond its preset section (pooling, modules, max_sentences), with their defaults.
-EXTRA_HPARAMS: dict[str, Any] = {"sentences": "builtin", "batch_size": 16, "layers": []}
 POOLINGS = ("max", "mean")
 MODULE_CHOICES = ("both", "mlp_in", "mlp_out")
 
@@ -335,7 +335,7 @@ def cached_expertise(
 # ---------------------------------------------------------------- editor
 
 
-class AuraEditor:
+class AuraEditor(PresetHparams):
     """AurA: request-free; every unit with AUROC > 0.5 is scaled by 2 (1 - AUROC), folded into the weights.
 
     hparams: pooling (max | mean), modules (both | mlp_in | mlp_out), max_sentences per class, sentences
@@ -346,11 +346,6 @@ class AuraEditor:
 
     name = "aura"
 
-    def default_hparams(self, lm: Any) -> dict[str, Any]:
-        from detox_tui.backends.editing import presets
-
-        return dict(presets.load_preset(lm, self.name))
-
     def compute(
         self,
         lm: Any,
@@ -358,7 +353,7 @@ class AuraEditor:
         hparams: Mapping[str, Any],
         ctx: EditContext,
     ) -> EditDelta:
-        hp = {**EXTRA_HPARAMS, **self.default_hparams(lm), **dict(hparams)}
+        hp = self.resolve_hparams(lm, hparams)
         pooling, modules = str(hp["pooling"]), str(hp["modules"])
         max_sentences = int(hp["max_sentences"])
         # An empty "layers" dampens every layer; a list restricts the edit (layer pickers, ablations).

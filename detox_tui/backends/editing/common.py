@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from detox_tui.backends.editing.base import EditRequest
+from detox_tui.backends.models import pad_batch
 from detox_tui.errors import UserError
 from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
 
@@ -55,7 +56,7 @@ def context_templates(
         return list(cache[key])
     templates = ["{}"]
     devices = [lm.device.index or 0] if lm.device.type == "cuda" else []
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad_id = lm.pad_id
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(0)
         for i in range(n):
@@ -109,22 +110,6 @@ def key_position(lm: Any, template: str, request: EditRequest) -> tuple[list[int
     return full, key
 
 
-def _right_pad(
-    rows: Sequence[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(lm: Any) -> int:
-    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-
-
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -155,7 +140,7 @@ def compute_keys(
             ids, key = key_position(lm, template, req)
             rows.append(ids)
             keys.append(key)
-    ids, mask = _right_pad(rows, _pad_id(lm), lm.device)
+    ids, mask = pad_batch(rows, lm.pad_id, lm.device)
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_module, inputs):
@@ -178,7 +163,7 @@ def compute_keys(
 def module_output_at_key(lm: Any, path: str, requests: Sequence[EditRequest]) -> torch.Tensor:
     """The output of module ``path`` at each bare prompt's key token: float64 [n_requests, d] on CPU."""
     rows, keys = zip(*(key_position(lm, "{}", req) for req in requests))
-    ids, mask = _right_pad(rows, _pad_id(lm), lm.device)
+    ids, mask = pad_batch(rows, lm.pad_id, lm.device)
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_module, _inputs, output):
@@ -269,7 +254,7 @@ def _build_batch(lm: Any, requests: Sequence[EditRequest], templates: Sequence[s
         rows.append(kl_ids)
         key_pos.append(kl_key)
         key_req.append(r)
-    ids, mask = _right_pad(rows, _pad_id(lm), lm.device)
+    ids, mask = pad_batch(rows, lm.pad_id, lm.device)
 
     def t(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=lm.device)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.errors import UserError
 from detox_tui.pipeline.events import Progress, check_cancel
 
@@ -123,7 +124,7 @@ def _log_probs(lm: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.log_softmax(lm.model(**batch).logits.float(), dim=-1)
 
 
-class DinmEditor:
+class DinmEditor(PresetHparams):
     """Detoxifying with Knowledge Editing: per request, locate the toxic layer and tune its out-projection.
 
     Requests are edited sequentially: each is located and tuned on the original weights plus the
@@ -136,11 +137,6 @@ class DinmEditor:
 
     name = "dinm"
 
-    def default_hparams(self, lm: Any) -> dict[str, Any]:
-        from detox_tui.backends.editing import presets
-
-        return dict(presets.load_preset(lm, self.name))
-
     def compute(
         self,
         lm: Any,
@@ -148,7 +144,7 @@ class DinmEditor:
         hparams: Mapping[str, Any],
         ctx: EditContext,
     ) -> EditDelta:
-        hp = {"layer": None, **self.default_hparams(lm), **dict(hparams)}
+        hp = self.resolve_hparams(lm, hparams)
         steps, lr = int(hp["steps"]), float(hp["lr"])
         nll_weight, kl_weight = float(hp["nll_weight"]), float(hp["kl_weight"])
         forced = hp.get("layer")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.memit import weight_name
+from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import to_param_layout
 from detox_tui.errors import UserError
 from detox_tui.pipeline.events import Progress, check_cancel
@@ -42,7 +43,7 @@ def _rows(lm: Any, requests: Sequence[EditRequest], objective: str):
             tgt_ids.append(tok)
             tgt_req.append(r)
     width = max(len(x) for x in rows)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = lm.pad_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -55,7 +56,7 @@ def _rows(lm: Any, requests: Sequence[EditRequest], objective: str):
     return ids.to(lm.device), mask.to(lm.device), t(tgt_rows), t(tgt_pos), t(tgt_ids), t(tgt_req)
 
 
-class FineTuneEditor:
+class FineTuneEditor(PresetHparams):
     """Adam on the out-projection weights of ``layers``; every weight stays within eps of its original.
 
     The trainable parameter is a float32 delta added through a forward hook (output + x Delta^T), which
@@ -66,11 +67,6 @@ class FineTuneEditor:
 
     name = "ft"
 
-    def default_hparams(self, lm: Any) -> dict[str, Any]:
-        from detox_tui.backends.editing.presets import load_preset
-
-        return load_preset(lm, self.name)
-
     def compute(
         self,
         lm: Any,
@@ -78,9 +74,7 @@ class FineTuneEditor:
         hparams: Mapping[str, Any],
         ctx: EditContext,
     ) -> EditDelta:
-        from detox_tui.backends.editing.presets import validate_hparams
-
-        hp = validate_hparams(lm, self.name, {**self.default_hparams(lm), **dict(hparams)})
+        hp = self.resolve_hparams(lm, hparams)
         if not requests:
             raise UserError("There are no edit requests.")
         layers = sorted(hp["layers"])

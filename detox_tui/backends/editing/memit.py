@@ -17,6 +17,7 @@ from detox_tui.backends.editing.common import (
     solve_psd,
     template_hparams,
 )
+from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import to_param_layout
 from detox_tui.pipeline.events import Progress, check_cancel
 
@@ -50,15 +51,10 @@ def layer_covariances(lm: Any, layers: Sequence[int], ctx: EditContext) -> dict[
     )
 
 
-class MemitEditor:
+class MemitEditor(PresetHparams):
     """Mass edit of the out-projections of layers R; weights are restored before ``compute`` returns."""
 
     name = "memit"
-
-    def default_hparams(self, lm: Any) -> dict[str, Any]:
-        from detox_tui.backends.editing.presets import load_preset
-
-        return load_preset(lm, self.name)
 
     def compute(
         self,
@@ -67,9 +63,7 @@ class MemitEditor:
         hparams: Mapping[str, Any],
         ctx: EditContext,
     ) -> EditDelta:
-        from detox_tui.backends.editing.presets import validate_hparams
-
-        hp = validate_hparams(lm, self.name, {**self.default_hparams(lm), **dict(hparams)})
+        hp = self.resolve_hparams(lm, hparams)
         layers = sorted(hp["layers"])
         last = layers[-1]
         n_templates, length = template_hparams(hp)

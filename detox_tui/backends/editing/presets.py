@@ -179,3 +179,16 @@ def apply_layers(method: str, hparams: dict[str, Any], layers: list[int]) -> dic
     else:
         hp["layers"] = layers
     return hp
+
+
+class PresetHparams:
+    """Editor mixin: defaults come from the model family's preset file; overrides are validated against them."""
+
+    name: str
+
+    def default_hparams(self, lm: Any) -> dict[str, Any]:
+        return load_preset(lm, self.name)
+
+    def resolve_hparams(self, lm: Any, hparams: Any) -> dict[str, Any]:
+        """The preset overlaid with ``hparams``, validated (one-sentence UserError on a bad key or value)."""
+        return validate_hparams(lm, self.name, {**self.default_hparams(lm), **dict(hparams)})

@@ -17,21 +17,17 @@ from detox_tui.backends.editing.common import (
     template_hparams,
 )
 from detox_tui.backends.editing.memit import layer_covariances, linalg_device, weight_name
+from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import linear_weight_out_in, to_param_layout
 from detox_tui.pipeline.events import check_cancel
 
 log = logging.getLogger(__name__)
 
 
-class RomeEditor:
+class RomeEditor(PresetHparams):
     """Single-layer rank-one edits; several requests are applied one after another on the edited model."""
 
     name = "rome"
-
-    def default_hparams(self, lm: Any) -> dict[str, Any]:
-        from detox_tui.backends.editing.presets import load_preset
-
-        return load_preset(lm, self.name)
 
     def compute(
         self,
@@ -40,9 +36,7 @@ class RomeEditor:
         hparams: Mapping[str, Any],
         ctx: EditContext,
     ) -> EditDelta:
-        from detox_tui.backends.editing.presets import validate_hparams
-
-        hp = validate_hparams(lm, self.name, {**self.default_hparams(lm), **dict(hparams)})
+        hp = self.resolve_hparams(lm, hparams)
         layer = int(hp["layer"])
         n_templates, length = template_hparams(hp)
         templates = context_templates(lm, n=n_templates, length=length)
