@@ -99,7 +99,7 @@ class DetoxApp(App[None]):
         Binding("x", "export", "Export"),
         Binding("d", "detail", "Detail", show=False),
         Binding("ctrl+x", "cancel", "Cancel", priority=True),
-        Binding("escape", "cancel", "Cancel", show=False),
+        Binding("escape", "cancel(True)", "Cancel", show=False),
         Binding("slash", "focus_filter", "Filter", show=False),
         Binding("ctrl+a", "select_all", "All", show=False),
         Binding("ctrl+n", "select_none", "None", show=False),
@@ -559,10 +559,16 @@ class DetoxApp(App[None]):
         self._set_stage("trace finished", 1, 1)
         self.query_one(RunLog).log_message(f"trace finished; peak layers {peak}")
 
-    def action_cancel(self) -> None:
-        """Ask the running job to stop at its next step."""
+    def action_cancel(self, quiet: bool = False) -> None:
+        """Ask the running job to stop at its next step (escape: leaves a text field first, quiet when idle)."""
+        if quiet and isinstance(self.focused, Input):
+            target = TAB_FOCUS.get(str(self.query_one(TabbedContent).active))
+            if target:
+                self.query_one(target).focus()
+                return
         if not self.running:
-            self.notify("Nothing is running.", timeout=2)
+            if not quiet:
+                self.notify("Nothing is running.", timeout=2)
             return
         self.cancel_event.set()
         self.query_one("#stage", Label).update(f"cancelling {self.running}…")
@@ -629,7 +635,7 @@ class DetoxApp(App[None]):
             self.notify("There are no rows to export yet.", severity="warning")
             return
         run_id = self.current_run.get("run_id") or "unsaved"
-        default = str(Path.cwd() / f"detox-{kind}-{str(run_id)[:8]}.csv")
+        default = str(Path.cwd() / f"detox-{kind}-{run_id}.csv")
 
         def write(request: ExportRequest | None) -> None:
             if request is None:

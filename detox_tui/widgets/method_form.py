@@ -6,7 +6,7 @@ from typing import Any
 
 from textual import on
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.validation import Function, Integer, Number, ValidationResult, Validator
 from textual.widgets import Button, Input, Label, Select
@@ -110,7 +110,7 @@ class MethodForm(Vertical):
         with Horizontal(classes="row"):
             yield Label("Hyperparameters (the model's preset)", classes="section")
             yield Button("Reset", id="hp-reset", compact=True)
-        with VerticalScroll(id="hp-fields"):
+        with Vertical(id="hp-fields"):
             yield Label("Hyperparameters appear when the model has loaded.", id="hp-empty", classes="dim")
             yield Vertical(id="hp-inputs")
             yield Label("Run settings", classes="section")

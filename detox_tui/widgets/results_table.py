@@ -154,10 +154,11 @@ class ResultsTable(DataTable):
             self._put(f"p{row['idx']}", pending, self._edit_cells(pending))
         elif self.mode == "edit" and table == "edit":
             pending_key = f"p{row['idx']}"
-            if pending_key in self.data:
-                self.data.pop(pending_key)
-                self.remove_row(pending_key)
-            self._put(f"{row.get('config', '')}|{row['idx']}", row, self._edit_cells(row))
+            if self.data.get(pending_key, {}).get("pending"):
+                # The first result for a prompt fills its pending row in place (rows keep their order).
+                self._put(pending_key, row, self._edit_cells(row))
+            else:
+                self._put(f"{row.get('config', '')}|{row['idx']}", row, self._edit_cells(row))
 
     def load_rows(self, mode: str, rows: Sequence[dict[str, Any]], threshold: float | None = None) -> None:
         """Show the stored rows of a finished run."""
