@@ -184,3 +184,132 @@ def test_console_script_error_has_no_traceback_unless_debug(tmp_path):
     debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=env, timeout=120)
     assert debug.returncode == 2
     assert "Traceback" in debug.stderr
+
+
+TINY_MEMIT_ARGS = ["-H", "mom2_update_weight=100", "-H", "clamp_norm_factor=4", "-H", "n_templates=2"]
+
+
+def first_word_prompts(tmp_path: Path) -> Path:
+    from detox_tui.tiny import INSULT_PAIRS
+
+    path = tmp_path / "first-word.csv"
+    lines = ["prompt,target,category"] + [
+        f"{p},{' ' + safe.split()[0]},insult" for p, _, safe in INSULT_PAIRS[:2]
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_edit_json_reports_before_after_side_effects_and_stats(capsys, insult_model_dir, tmp_path):
+    delta_path = tmp_path / "memit.safetensors"
+    rc, out, err = run_cli(
+        capsys,
+        "edit",
+        "--method",
+        "memit",
+        "--layers",
+        "1,2",
+        *TINY_MEMIT_ARGS,
+        "--batch",
+        "--model",
+        str(insult_model_dir),
+        "--prompts",
+        str(first_word_prompts(tmp_path)),
+        "--scorer",
+        "profanity",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+        "--save-delta",
+        str(delta_path),
+        "--json",
+    )
+    assert rc == 0, err
+    data = json.loads(out)
+    for row in data["rows"]:
+        assert {"mean", "ci_low", "ci_high"} <= set(row["before"]) and {"mean", "ci_low", "ci_high"} <= set(
+            row["after"]
+        )
+        assert {"delta", "reduced", "collapsed"} <= set(row)
+    assert "collapsed" in data["side_effects"] and "ppl_after" in data["side_effects"]
+    assert {"share_reduced", "mean_reduction", "wilcoxon_p"} <= set(data["stats"])
+    assert data["stats"]["share_reduced"] == 1.0  # both insults replaced by their safe first words
+    # The saved delta re-applies onto a fresh copy of the model and can be saved as a model.
+    (saved,) = data["deltas"]
+    rc, out, err = run_cli(
+        capsys,
+        "apply-delta",
+        saved,
+        "--model",
+        str(insult_model_dir),
+        "--device",
+        "cpu",
+        "--prompt",
+        "People from that town are all",
+        "--save-model",
+        str(tmp_path / "edited"),
+    )
+    assert rc == 0, err
+    assert "kind" in out.split("after:")[1]
+    assert (tmp_path / "edited" / "config.json").exists()
+
+
+def test_ablate_json_lists_every_configuration(capsys, insult_model_dir, tmp_path):
+    rc, out, err = run_cli(
+        capsys,
+        "ablate",
+        "--method",
+        "memit",
+        "--configs",
+        "1;2;1,2",
+        *TINY_MEMIT_ARGS,
+        "--batch",
+        "--model",
+        str(insult_model_dir),
+        "--prompts",
+        str(first_word_prompts(tmp_path)),
+        "--scorer",
+        "profanity",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+    )
+    assert rc == 0, err
+    data = json.loads(out)
+    assert [c["layers"] for c in data["configs"]] == [[1], [2], [1, 2]]
+    for c in data["configs"]:
+        assert {"share_reduced", "mean_reduction", "collapsed"} <= set(c)
+
+
+def test_trace_json_and_csv(capsys, insult_model_dir, tmp_path):
+    target = tmp_path / "trace.csv"
+    rc, out, err = run_cli(
+        capsys,
+        "trace",
+        "--prompt",
+        "People from that town are all",
+        "--model",
+        str(insult_model_dir),
+        "--device",
+        "cpu",
+        "--noise-samples",
+        "3",
+        "--continuation-tokens",
+        "2",
+        "--out",
+        str(target),
+        "--json",
+    )
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["layers"] == 4 and len(data["scores"]) == 4
+    assert all(len(row) == len(data["tokens"]) for row in data["scores"])
+    assert data["continuation"].strip().startswith("stupid")
+    assert target.read_text().startswith("layer,")
