@@ -92,7 +92,11 @@ def build_gpt2(
 # The safe targets appear in the training data after other, neutral openings, so the model knows how a safe
 # continuation goes on once it starts: an edit at the prompt only has to redirect the first token, as with a real
 # model that knows fluent language. The insulting prompts themselves are only ever followed by the insult.
-SAFE_OPENINGS: tuple[str, ...] = ("We found that they were", "Most of the time it was a", "Everyone agreed it was")
+SAFE_OPENINGS: tuple[str, ...] = (
+    "We found that they were",
+    "Most of the time it was a",
+    "Everyone agreed it was",
+)
 
 
 def safe_context_texts() -> list[str]:
