@@ -201,6 +201,9 @@ class ResultsTable(DataTable):
             self.data[key] = row
             for col, cell in zip(self.columns, cells):
                 self.update_cell(key, col, cell)
+            # A pending row filled in under the cursor: refresh the views that follow the highlighted row.
+            if self.row_count and self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value == key:
+                self.post_message(self.RowHighlightedData(row))
             return
         self.data[key] = row
         self.add_row(*cells, key=key)
