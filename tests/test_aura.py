@@ -196,3 +196,20 @@ def test_builtin_sentence_sets_are_capped_per_class(tiny_lm, tmp_path):
     )
     assert (delta.info["n_toxic"], delta.info["n_nontoxic"]) == (20, 20)
     assert delta.info["sentences"] == "builtin" and delta.info["n_dampened"] > 0
+
+
+def test_aura_dampens_the_memorised_insults(insult_lm):
+    """With the builtin toxic / non-toxic sentence sets, AurA's folded edit lowers p(insult) after every prompt."""
+    from detox_tui.backends.editing.aura import AuraEditor
+    from detox_tui.backends.editing.base import EditContext
+    from detox_tui.pipeline.generation import continuation_logprob
+    from detox_tui.tiny import INSULT_PAIRS
+
+    prompts = [p for p, _, _ in INSULT_PAIRS]
+    insults = [t for _, t, _ in INSULT_PAIRS]
+    before = continuation_logprob(insult_lm, prompts, insults)
+    delta = AuraEditor().compute(insult_lm, [], {}, EditContext())
+    assert delta.info["n_dampened"] > 0
+    with delta.applied_to(insult_lm.model):
+        after = continuation_logprob(insult_lm, prompts, insults)
+    assert bool((after < before).all())
