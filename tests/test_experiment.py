@@ -222,3 +222,13 @@ def test_safeedit_style_prompts_report_defense_success_and_generalisation(workbe
         assert all(0.0 <= v <= 1.0 for v in row["defense_generalisation"].values())
     stored = workbench.store.rows(result.run_id, "edit")
     assert all("defense_generalisation" in r for r in stored)
+
+
+def test_aura_runs_once_for_all_prompts_and_needs_no_targets(workbench, insult_model_dir):
+    from detox_tui.pipeline.experiment import run_edit
+
+    cfg = config(insult_model_dir, method="aura", protocol="per-prompt")
+    prompts = [PromptItem(p) for p, _, _ in INSULT_PAIRS[:3]]  # no safe targets: AurA does not use them
+    result = run_edit(workbench, prompts, cfg)
+    assert len(result.rows) == 3
+    assert result.side_effects["n_edits"] == 1  # one request-free edit evaluated on every prompt

@@ -488,13 +488,16 @@ def _evaluate_config(
     hp = _hparams(wb, cfg, layers)
     key = ",".join(str(x) for x in layers) if layers is not None else ""
     ctx = _edit_context(wb, cfg, emit, cancel, covariance, fx_inputs.neutral_prompts)
-    requests = _requests(items[:n_edit], before[:n_edit], cfg)
+    # AurA is request-free: one edit from the sentence sets serves every prompt, which need no targets.
+    request_free = cfg.method == "aura"
+    protocol = "batch" if request_free else cfg.protocol
+    requests = [] if request_free else _requests(items[:n_edit], before[:n_edit], cfg)
     primary = wb.scorer.primary
     rows: list[dict[str, Any]] = []
     side: list[dict[str, Any]] = []
     saved: list[str] = []
     # Each group is (indices edited together, indices evaluated under that edit).
-    if cfg.protocol == "batch":
+    if protocol == "batch":
         groups = [(list(range(n_edit)), list(range(len(items))))]
     else:
         groups = [([i], [i]) for i in range(n_edit)]
@@ -505,9 +508,9 @@ def _evaluate_config(
             continue
         check_cancel(cancel)
         emit(Progress("edit", g, len(groups), f"{cfg.method} {key or 'preset layers'}"))
-        delta: EditDelta = editor.compute(wb.lm, [requests[i] for i in edit_idx], hp, ctx)
+        delta: EditDelta = editor.compute(wb.lm, [requests[i] for i in edit_idx] if requests else [], hp, ctx)
         if save_delta:
-            path = _delta_path(save_delta, key, edit_idx if cfg.protocol != "batch" else None)
+            path = _delta_path(save_delta, key, edit_idx if protocol != "batch" else None)
             delta.save(path)
             saved.append(str(path))
         located = delta.info.get("located_layers")
