@@ -213,3 +213,123 @@ def test_aura_dampens_the_memorised_insults(insult_lm):
     with delta.applied_to(insult_lm.model):
         after = continuation_logprob(insult_lm, prompts, insults)
     assert bool((after < before).all())
+
+
+# ---------------------------------------------------------------- direction: toxic units are the dampened ones
+
+WIRED_LAYER, TOXIC_UNIT, NONTOXIC_UNIT = 1, 5, 7
+
+
+def _token_set(lm, sentences) -> set[int]:
+    return {t for s in sentences for t in lm.tokenizer(s)["input_ids"]}
+
+
+def _wire_detector_units(lm) -> None:
+    """Hand-set tiny_lm's weights so that in block WIRED_LAYER the MLP in-projection unit TOXIC_UNIT fires
+    (pre-activation ~ +8) on tokens that occur only in TOXIC sentences and NONTOXIC_UNIT on tokens that
+    occur only in NONTOXIC sentences; on every other token both stay below 1.
+
+    Residual dimension 0 marks toxic-only tokens and dimension 1 non-toxic-only tokens (+10 in the token
+    embedding, 0 everywhere else, positions included); the blocks up to WIRED_LAYER write nothing through
+    attention, so the MLP's layer norm sees the marker as the dominant coordinate.
+    """
+    toxic_only = _token_set(lm, TOXIC) - _token_set(lm, NONTOXIC)
+    nontoxic_only = _token_set(lm, NONTOXIC) - _token_set(lm, TOXIC)
+    # Preconditions: every sentence of each class holds at least one marked token, so max pooling separates.
+    for sentences, marked in ((TOXIC, toxic_only), (NONTOXIC, nontoxic_only)):
+        assert all(set(lm.tokenizer(s)["input_ids"]) & marked for s in sentences)
+    tr = lm.model.transformer
+    with torch.no_grad():
+        tr.wte.weight[:, :2] = 0.0
+        tr.wte.weight[sorted(toxic_only), 0] = 10.0
+        tr.wte.weight[sorted(nontoxic_only), 1] = 10.0
+        tr.wpe.weight[:, :2] = 0.0
+        for layer in range(WIRED_LAYER + 1):
+            tr.h[layer].attn.c_proj.weight.zero_()
+            tr.h[layer].attn.c_proj.bias.zero_()
+        for layer in range(WIRED_LAYER):  # earlier MLPs must not write on the marker coordinates
+            tr.h[layer].mlp.c_proj.weight[:, :2] = 0.0
+            tr.h[layer].mlp.c_proj.bias[:2] = 0.0
+        c_fc = tr.h[WIRED_LAYER].mlp.c_fc  # Conv1D: weight (in, out)
+        for unit, coordinate in ((TOXIC_UNIT, 0), (NONTOXIC_UNIT, 1)):
+            c_fc.weight[:, unit] = 0.0
+            c_fc.weight[coordinate, unit] = 1.0
+            c_fc.bias[unit] = -0.25
+
+
+def _pooled_unit(lm, path: str, unit: int, sentences) -> torch.Tensor:
+    """Max over tokens of one unit's output, one sentence at a time (no padding): measured independently."""
+    seen: list[float] = []
+    handle = lm.module(path).register_forward_hook(
+        lambda _m, _i, out: seen.append(float(out[0, :, unit].max()))
+    )
+    try:
+        with torch.no_grad():
+            for s in sentences:
+                lm.model(input_ids=torch.tensor([lm.tokenizer(s)["input_ids"]]))
+    finally:
+        handle.remove()
+    return torch.tensor(seen)
+
+
+def test_units_firing_on_toxic_text_are_dampened_and_units_firing_on_nontoxic_text_are_not(tiny_lm, tmp_path):
+    _wire_detector_units(tiny_lm)
+    path = tiny_lm.spec.mlp_in_path(WIRED_LAYER)
+    # The wiring works: each unit separates the classes perfectly, in opposite directions.
+    tox_on_tox, tox_on_non = (_pooled_unit(tiny_lm, path, TOXIC_UNIT, s) for s in (TOXIC, NONTOXIC))
+    non_on_tox, non_on_non = (_pooled_unit(tiny_lm, path, NONTOXIC_UNIT, s) for s in (TOXIC, NONTOXIC))
+    assert float(tox_on_tox.min()) > 5.0 > 1.0 > float(tox_on_non.max())
+    assert float(non_on_non.min()) > 5.0 > 1.0 > float(non_on_tox.max())
+
+    expertise = compute_expertise(tiny_lm, TOXIC, NONTOXIC, batch_size=8)
+    assert float(expertise[path][TOXIC_UNIT]) == 1.0  # toxic is the positive class
+    assert float(expertise[path][NONTOXIC_UNIT]) == 0.0
+
+    weight_before = tiny_lm.module(path).weight.detach().clone()
+    delta = AuraEditor().compute(tiny_lm, [], {}, _context(tmp_path))
+    w_delta, b_delta = delta.deltas[f"{path}.weight"], delta.deltas[f"{path}.bias"]  # Conv1D: (in, out)
+    # AUROC 1 -> alpha = 2 (1 - 1) = 0: the toxic unit is switched off entirely (weight and bias) ...
+    torch.testing.assert_close(w_delta[:, TOXIC_UNIT], -weight_before[:, TOXIC_UNIT], atol=1e-6, rtol=0)
+    assert float(b_delta[TOXIC_UNIT]) == pytest.approx(0.25)
+    # ... AUROC 0 -> alpha = 1: the unit that fires on non-toxic text is untouched.
+    assert float(w_delta[:, NONTOXIC_UNIT].abs().max()) == 0.0 and float(b_delta[NONTOXIC_UNIT]) == 0.0
+    with delta.applied_to(tiny_lm.model):
+        assert float(_pooled_unit(tiny_lm, path, TOXIC_UNIT, TOXIC).abs().max()) < 1e-5
+        # (layer 0's dampened units shift the layer norm's input a little, hence the tolerance)
+        torch.testing.assert_close(
+            _pooled_unit(tiny_lm, path, NONTOXIC_UNIT, NONTOXIC), non_on_non, atol=1e-2, rtol=1e-3
+        )
+
+
+def test_expertise_ranks_toxic_as_the_positive_class_on_the_trained_model(insult_lm):
+    """Every unit's AUROC equals sklearn's with toxic = 1, from activations recorded here independently;
+    units that fire more on toxic text are dampened, units that fire more on non-toxic text are not."""
+    expertise = compute_expertise(insult_lm, TOXIC, NONTOXIC, modules="mlp_in", batch_size=8)
+    labels = [1] * len(TOXIC) + [0] * len(NONTOXIC)
+    n_toxic_experts = n_nontoxic_experts = 0
+    for layer in range(insult_lm.n_layers):
+        path = insult_lm.spec.mlp_in_path(layer)
+        pooled: list[torch.Tensor] = []
+        handle = insult_lm.module(path).register_forward_hook(
+            lambda _m, _i, out, pooled=pooled: pooled.append(out[0].amax(0))
+        )
+        try:
+            with torch.no_grad():
+                for s in TOXIC + NONTOXIC:
+                    insult_lm.model(input_ids=torch.tensor([insult_lm.tokenizer(s)["input_ids"]]))
+        finally:
+            handle.remove()
+        acts = torch.stack(pooled)  # [sentences, units]
+        expected = [roc_auc_score(labels, acts[:, u].numpy()) for u in range(acts.shape[1])]
+        assert expertise[path].tolist() == pytest.approx(expected, abs=1e-5)
+        alphas = alphas_from_auroc(expertise[path])
+        # Units that fire more on toxic text (sklearn AUROC with toxic = 1 above 0.9) are strongly dampened,
+        # units that fire more on non-toxic text (below 0.1) keep alpha exactly 1.
+        sk = torch.tensor(expected)
+        toxic_expert, nontoxic_expert = sk > 0.9, sk < 0.1
+        tox, non = acts[: len(TOXIC)], acts[len(TOXIC) :]
+        assert bool((tox.mean(0) > non.mean(0))[toxic_expert].all())
+        assert bool((alphas[toxic_expert] < 0.2).all()) and bool((alphas[nontoxic_expert] == 1).all())
+        n_toxic_experts += int(toxic_expert.sum())
+        n_nontoxic_experts += int(nontoxic_expert.sum())
+    assert n_toxic_experts > 0 and n_nontoxic_experts > 0  # both directions are exercised
