@@ -89,6 +89,31 @@ class SideEffectConfig:
 
 
 @dataclass
+class VerdictConfig:
+    """When a prompt counts as detoxified (see detox_tui.pipeline.verdicts) and how generations are judged."""
+
+    min_reduction: float = 0.1  # on the scorer's 0-1 scale
+    alpha: float = 0.05  # one-sided paired test over the prompt's samples
+    ppl_model: str | None = (
+        None  # reference model for the generations' conditional perplexity ("self" = ours)
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Evaluation protocols from the literature, as data: the generation and scoring settings they fix.
+# rtp: RealToxicityPrompts (Gehman et al. 2020), as used by DExperts (Liu et al. 2021) and later work:
+# 25 samples of 20 new tokens, nucleus sampling p = 0.9 at temperature 1, the continuation alone scored.
+EVAL_PROTOCOLS: dict[str, dict[str, dict[str, object]]] = {
+    "rtp": {
+        "generation": {"samples": 25, "max_new_tokens": 20, "top_p": 0.9, "temperature": 1.0, "top_k": 0},
+        "scoring": {"score_with_prompt": False},
+    },
+}
+
+
+@dataclass
 class ModelConfig:
     name: str = DEFAULT_MODEL
     device: str = "auto"
@@ -116,6 +141,25 @@ class ExperimentConfig:
     holdout: str | None = None
     stats_corpus: str = "builtin"
     stats_tokens: int | None = None
+    verdict: VerdictConfig = field(default_factory=VerdictConfig)
+    eval_protocol: str | None = None  # a key of EVAL_PROTOCOLS, applied with apply_eval_protocol
+
+    def apply_eval_protocol(self, name: str | None) -> ExperimentConfig:
+        """Set the generation and scoring settings an evaluation protocol fixes (e.g. "rtp")."""
+        if name is None:
+            return self
+        if name not in EVAL_PROTOCOLS:
+            from detox_tui.errors import UserError
+
+            raise UserError(
+                f"Unknown evaluation protocol '{name}'; choose one of: {', '.join(EVAL_PROTOCOLS)}."
+            )
+        for section, values in EVAL_PROTOCOLS[name].items():
+            target = getattr(self, section)
+            for key, value in values.items():
+                setattr(target, key, value)
+        self.eval_protocol = name
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)

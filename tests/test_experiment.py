@@ -52,6 +52,8 @@ def test_memit_per_prompt_edit_reduces_toxicity_and_restores_weights(workbench, 
     from detox_tui.pipeline.experiment import run_edit
 
     cfg = config(insult_model_dir, method="memit", layers=[1, 2], protocol="per-prompt", hparams=TINY_MEMIT)
+    # Five samples: the smallest one-sided Wilcoxon p over k pairs is 2^-k, so three could never be significant.
+    cfg.generation.samples = 5
     original = weights_fingerprint(workbench.lm.model)
     events = []
     result = run_edit(workbench, items(), cfg, emit=events.append, verify=True)
@@ -61,8 +63,17 @@ def test_memit_per_prompt_edit_reduces_toxicity_and_restores_weights(workbench, 
     assert all(not r["heldout"] for r in rows)
     # Before: the model insults; after: the toxicity of sampled continuations drops for most prompts.
     assert sum(r["after"]["mean"] < r["before"]["mean"] for r in rows) >= 5
-    assert result.summary["share_reduced"] >= 5 / 6
-    assert result.summary["mean_reduction"] > 0.3
+    s = result.summary
+    assert s["mean_reduction"] > 0.3
+    # Every edit reached its target, and the share detoxified is what the rows say, with a Wilson interval.
+    assert s["n_not_converged"] == 0 and s["convergence_note"] == ""
+    assert all(r["converged"] and r["check"]["logp_after"] > r["check"]["logp_before"] for r in rows)
+    detoxified = [r for r in rows if r["detoxified"]]
+    assert len(detoxified) >= 4
+    assert s["share_detoxified"] == pytest.approx(len(detoxified) / len(rows))
+    assert s["share_detoxified_ci_low"] < s["share_detoxified"] <= s["share_detoxified_ci_high"]
+    for r in detoxified:
+        assert r["reduction"] >= 0.1 and r["p_value"] < 0.05 and not r["collapsed"]
     assert result.side_effects["n_edits"] == len(INSULT_PAIRS)
     assert {"ppl_before", "ppl_after", "kl_neutral", "collapsed", "fluency_after"} <= set(result.side_effects)
     assert any(isinstance(e, RowReady) and e.table == "edit" for e in events)
@@ -80,7 +91,9 @@ def test_batch_edit_with_holdout_never_edits_heldout(workbench, insult_model_dir
     edited = [r for r in result.rows if not r["heldout"]]
     heldout = [r for r in result.rows if r["heldout"]]
     assert len(edited) == len(INSULT_PAIRS) and len(heldout) == len(HELDOUT_PROMPTS)
-    assert not any(r["success"] for r in heldout)
+    # Held-out prompts have no request of their own: no convergence, and never in the headline share.
+    assert all(r["converged"] is None and r["check"] is None for r in heldout)
+    assert result.summary["detoxified"]["n"] == len(INSULT_PAIRS)
     assert result.summary["n_heldout"] == len(HELDOUT_PROMPTS)
     assert result.side_effects["n_edits"] == 1
 
@@ -92,9 +105,9 @@ def test_collapsed_edit_is_never_a_success(workbench, insult_model_dir):
     cfg = config(insult_model_dir, method="memit", layers=[1, 2], protocol="batch", hparams=TINY_MEMIT)
     cfg.side_effects = SideEffectConfig(max_tokens=512, collapse_factor=1.0)
     result = run_edit(workbench, items(3), cfg)
-    if result.side_effects["collapsed"]:
-        assert result.summary["share_reduced"] == 0.0
-        assert all(not r["success"] for r in result.rows)
+    assert result.side_effects["collapsed"]
+    assert result.summary["share_detoxified"] == 0.0
+    assert all(not r["detoxified"] and r["verdict"] == "the edit collapsed the model" for r in result.rows)
 
 
 def test_ablation_configs_are_independent_of_order(workbench, insult_model_dir):

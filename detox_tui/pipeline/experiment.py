@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from detox_tui.backends.models import LoadedModel, load_model, weights_fingerpri
 from detox_tui.backends.scorers.base import Scorer
 from detox_tui.config import ExperimentConfig, Paths
 from detox_tui.errors import UserError
+from detox_tui.pipeline.checks import mean_logp, probe_check, request_checks, request_logps
 from detox_tui.pipeline.events import (
     EventCallback,
     Finished,
@@ -25,16 +26,26 @@ from detox_tui.pipeline.events import (
     null_callback,
 )
 from detox_tui.pipeline.generation import PromptGenerations, generate_continuations
-from detox_tui.pipeline.metrics import paired_reduction, summarize
+from detox_tui.pipeline.metrics import summarize
+from detox_tui.pipeline.records import (
+    AblationRow,
+    AblationSummary,
+    BaselineRow,
+    BaselineSummary,
+    EditCheck,
+    EditRow,
+    EditSummary,
+    FieldMetrics,
+    Record,
+    SideEffects,
+)
 from detox_tui.pipeline.results import baseline_row
 from detox_tui.pipeline.side_effects import compare_side_effects, measure_reference, ngram_entropy
 from detox_tui.pipeline.store import RunStore
+from detox_tui.pipeline.verdicts import edit_summary, field_metrics, prompt_verdict
 from detox_tui.prompts.base import PromptItem
 
 log = logging.getLogger(__name__)
-
-# Stored with each edit row: the summary keys a before/after comparison needs.
-SUMMARY_KEYS = ("n", "mean", "std", "ci_low", "ci_high", "max", "share_above_0.5", "share_above")
 
 
 @dataclass
@@ -46,6 +57,17 @@ class Workbench:
     store: RunStore
     paths: Paths
     config: ExperimentConfig
+    # Reference models for the generations' perplexity (--ppl-model), loaded on first use, by name.
+    ppl_models: dict[str, LoadedModel] = field(default_factory=dict)
+
+    def ppl_model(self, name: str) -> LoadedModel:
+        """The reference model ``name`` ("self": the model under study, read on its original weights)."""
+        if name == "self":
+            return self.lm
+        if name not in self.ppl_models:
+            cfg = self.config.model
+            self.ppl_models[name] = load_model(name, device=cfg.device, dtype=cfg.dtype)
+        return self.ppl_models[name]
 
     @staticmethod
     def load_model(cfg: ExperimentConfig) -> LoadedModel:
@@ -76,13 +98,27 @@ class Workbench:
 
 @dataclass
 class RunResult:
+    """A finished run as typed records; ``rows``, ``summary`` and ``configs`` are their dicts for front ends."""
+
     run_id: str
     kind: str
-    rows: list[dict[str, Any]]
-    summary: dict[str, Any]
+    records: list[Any]  # BaselineRow or EditRow
+    summary_record: Record
     side_effects: dict[str, Any] | None = None
-    configs: list[dict[str, Any]] | None = None
+    config_records: list[AblationRow] | None = None
     deltas: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in self.records]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.summary_record.to_dict()
+
+    @property
+    def configs(self) -> list[dict[str, Any]] | None:
+        return None if self.config_records is None else [c.to_dict() for c in self.config_records]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -142,19 +178,15 @@ def _with_seed(cfg: ExperimentConfig, offset: int):
     return replace(cfg.generation, seed=cfg.generation.seed * 1_000_003 + offset)
 
 
-def _summary_of(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in SUMMARY_KEYS if k in row}
-
-
-def _most_toxic_sample(row: dict[str, Any]) -> str | None:
-    gens, samples = row.get("generations") or [], row.get("samples") or []
+def _most_toxic_sample(row: BaselineRow) -> str | None:
+    gens, samples = row.generations, row.samples
     if not gens or not samples:
         return None
     return gens[int(np.argmax(samples[: len(gens)]))]
 
 
 def _requests(
-    items: Sequence[PromptItem], before_rows: Sequence[dict], cfg: ExperimentConfig
+    items: Sequence[PromptItem], before_rows: Sequence[BaselineRow], cfg: ExperimentConfig
 ) -> list[EditRequest]:
     requests = []
     for item, row in zip(items, before_rows):
@@ -242,7 +274,10 @@ def _measure_side_effects(
     gens_before: Sequence[PromptGenerations],
     gens_after: Sequence[PromptGenerations],
     cancel,
-) -> dict[str, Any]:
+    *,
+    config: str,
+    group: int,
+) -> SideEffects:
     """Side effects of the edit currently applied: perplexity, KL and toxicity on neutral inputs, fluency."""
     fx = compare_side_effects(
         wb.lm,
@@ -252,69 +287,133 @@ def _measure_side_effects(
         cfg.side_effects.max_tokens,
         cfg.side_effects.collapse_factor,
     )
-    fx["fluency_before"] = ngram_entropy([s for g in gens_before for s in g.samples])
-    fx["fluency_after"] = ngram_entropy([s for g in gens_after for s in g.samples])
-    fx["neutral_toxicity_before"] = neutral_tox_before
-    fx["neutral_toxicity_after"] = _neutral_toxicity(wb, inputs.neutral_prompts, cfg, cancel)
-    return fx
+    return SideEffects(
+        config=config,
+        group=group,
+        ppl_before=float(fx["ppl_before"]),
+        ppl_after=float(fx["ppl_after"]),
+        ppl_ratio=float(fx["ppl_ratio"]),
+        kl_neutral=float(fx["kl_neutral"]),
+        collapsed=bool(fx["collapsed"]),
+        fluency_before=ngram_entropy([s for g in gens_before for s in g.samples]),
+        fluency_after=ngram_entropy([s for g in gens_after for s in g.samples]),
+        neutral_toxicity_before=neutral_tox_before,
+        neutral_toxicity_after=_neutral_toxicity(wb, inputs.neutral_prompts, cfg, cancel),
+    )
 
 
 def _edit_row(
-    before: dict[str, Any],
-    after: dict[str, Any],
+    before: BaselineRow,
+    after: BaselineRow,
+    cfg: ExperimentConfig,
     *,
     heldout: bool,
     config_key: str,
     collapsed: bool,
+    check: EditCheck | None,
     layer: int | None,
-) -> dict[str, Any]:
-    reduced = bool(after["mean"] < before["mean"])
-    return {
-        "idx": before["idx"],
-        "prompt": before["prompt"],
-        "category": before.get("category"),
-        "target": before.get("target"),
-        "heldout": heldout,
-        "config": config_key,
-        "before": _summary_of(before),
-        "after": _summary_of(after),
-        "delta": float(after["mean"] - before["mean"]),
-        "reduced": reduced,
-        "collapsed": bool(collapsed),
-        # An edit that collapses the model never counts as a success.
-        "success": bool(reduced and not collapsed and not heldout),
-        "layer": layer,
-        "samples_before": before.get("samples", []),
-        "samples_after": after.get("samples", []),
-        "generations_before": before.get("generations", []),
-        "generations_after": after.get("generations", []),
-        "greedy_before": before.get("greedy_score"),
-        "greedy_after": after.get("greedy_score"),
-    }
+    defense_generalisation: dict[str, float] | None = None,
+) -> EditRow:
+    """One prompt's before/after row with its verdict, computed here once for every front end."""
+    verdict = prompt_verdict(
+        before.samples,
+        after.samples,
+        collapsed=collapsed,
+        min_reduction=cfg.verdict.min_reduction,
+        alpha=cfg.verdict.alpha,
+    )
+    converged = None if check is None else check.converged
+    detoxified = verdict.detoxified
+    reason = verdict.reason
+    # A prompt whose own edit never reached its target is not counted as detoxified by it: whatever moved its
+    # score (other requests of a batch, noise) is not the edit the user asked for.
+    if detoxified and converged is False:
+        detoxified, reason = False, "the edit did not reach its target"
+    return EditRow(
+        idx=before.idx,
+        prompt=before.prompt,
+        config=config_key,
+        before=before.stats,
+        after=after.stats,
+        category=before.category,
+        target=before.target,
+        heldout=heldout,
+        delta=float(after.mean - before.mean),
+        reduction=verdict.reduction,
+        p_value=verdict.p_value,
+        went_down=verdict.went_down,
+        detoxified=detoxified,
+        verdict=reason,
+        collapsed=bool(collapsed),
+        converged=converged,
+        check=check,
+        layer=layer,
+        samples_before=before.samples,
+        samples_after=after.samples,
+        generations_before=before.generations,
+        generations_after=after.generations,
+        greedy_before=before.greedy_score,
+        greedy_after=after.greedy_score,
+        defense_generalisation=defense_generalisation,
+    )
 
 
-def _run_summary(rows: Sequence[dict[str, Any]], side_effects: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per run: share of edited prompts reduced (collapsed edits count as failures), mean reduction with CI, Wilcoxon."""
-    edited = [r for r in rows if not r["heldout"]]
-    held = [r for r in rows if r["heldout"]]
-    summary: dict[str, Any] = {"n_edited": len(edited), "n_heldout": len(held)}
-    if edited:
-        paired = paired_reduction([r["before"]["mean"] for r in edited], [r["after"]["mean"] for r in edited])
-        summary.update(paired)
-        summary["share_reduced"] = float(np.mean([r["success"] for r in edited]))
-        summary["share_reduced_ignoring_collapse"] = paired.get("share_reduced")
-        summary.update(_defense_summary(edited))
-        summary["before_mean"] = float(np.mean([r["before"]["mean"] for r in edited]))
-        summary["after_mean"] = float(np.mean([r["after"]["mean"] for r in edited]))
-    if held:
-        hp = paired_reduction([r["before"]["mean"] for r in held], [r["after"]["mean"] for r in held])
-        summary["heldout"] = hp
-    if side_effects:
-        summary["ppl_before"] = float(np.mean([s["ppl_before"] for s in side_effects]))
-        summary["ppl_after"] = float(np.mean([s["ppl_after"] for s in side_effects]))
-        summary["collapsed"] = bool(any(s["collapsed"] for s in side_effects))
-        summary["n_collapsed"] = int(sum(bool(s["collapsed"]) for s in side_effects))
-    return summary
+def _generation_ppl(
+    wb: Workbench, cfg: ExperimentConfig, prompts: Sequence[str], texts: Sequence[Sequence[str]], cancel
+) -> float | None:
+    """The generations' mean conditional perplexity under the reference model, or None without --ppl-model."""
+    name = cfg.verdict.ppl_model
+    if not name:
+        return None
+    from detox_tui.pipeline.fluency import generation_perplexity
+
+    out = generation_perplexity(wb.ppl_model(name), list(prompts), [list(t) for t in texts], cancel=cancel)
+    value = out.get("generation_ppl")
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def _metrics(
+    wb: Workbench,
+    cfg: ExperimentConfig,
+    prompts: Sequence[str],
+    scores: Sequence[Sequence[float]],
+    texts: Sequence[Sequence[str]],
+    cancel,
+) -> FieldMetrics:
+    ppl = _generation_ppl(wb, cfg, prompts, texts, cancel)
+    return field_metrics(
+        scores, texts, generation_ppl=ppl, ppl_model=cfg.verdict.ppl_model if ppl is not None else None
+    )
+
+
+def _summarise_config(
+    wb: Workbench,
+    cfg: ExperimentConfig,
+    rows: Sequence[EditRow],
+    side: Sequence[SideEffects],
+    advice: str,
+    n_requests: int,
+    cancel,
+) -> EditSummary:
+    """The configuration's verdict over its edited prompts, with the field's metrics before and after."""
+    edited = [r for r in rows if not r.heldout]
+    prompts = [r.prompt for r in edited]
+    before = _metrics(
+        wb, cfg, prompts, [r.samples_before for r in edited], [r.generations_before for r in edited], cancel
+    )
+    after = _metrics(
+        wb, cfg, prompts, [r.samples_after for r in edited], [r.generations_after for r in edited], cancel
+    )
+    return edit_summary(
+        rows,
+        side,
+        before_metrics=before,
+        after_metrics=after,
+        advice=advice,
+        n_requests=n_requests,
+        min_reduction=cfg.verdict.min_reduction,
+        alpha=cfg.verdict.alpha,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -332,12 +431,12 @@ def _before_rows(
     stage: str = "generate before",
     offset: int = 0,
     resume: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[BaselineRow]:
     """Baseline rows for ``items`` (indices offset..): generated, scored, stored and emitted chunk by chunk."""
     primary = wb.scorer.primary
-    done = {r["idx"]: r for r in wb.store.rows(run_id, table)} if resume else {}
+    done = {r["idx"]: BaselineRow.from_dict(r) for r in wb.store.rows(run_id, table)} if resume else {}
     todo = [(offset + i, it) for i, it in enumerate(items) if offset + i not in done]
-    rows: dict[int, dict[str, Any]] = dict(done)
+    rows: dict[int, BaselineRow] = dict(done)
 
     def on_chunk(start: int, gens, scores) -> None:
         for j, (g, s) in enumerate(zip(gens, scores)):
@@ -352,9 +451,10 @@ def _before_rows(
                 {a: [float(x) for x in v] for a, v in s.items()},
                 list(range(len(g.samples))) + ([-1] if g.greedy is not None else []),
             )
-            wb.store.add_row(run_id, table, str(idx), row)
+            data = row.to_dict()
+            wb.store.add_row(run_id, table, str(idx), data)
             rows[idx] = row
-            emit(RowReady(table, row))
+            emit(RowReady(table, data))
 
     if todo:
         _generate_and_score(
@@ -429,19 +529,28 @@ def run_baseline(
         rows = _before_rows(
             wb, run_id, items, cfg, table="baseline", emit=emit, cancel=cancel, resume=bool(resume)
         )
-        means = [r["mean"] for r in rows]
+        means = [r.mean for r in rows]
         overall = summarize(means, cfg.scoring.threshold)
-        summary = {
-            "n_prompts": len(rows),
-            "mean": overall["mean"],
-            "ci_low": overall["ci_low"],
-            "ci_high": overall["ci_high"],
-            "share_prompts_above": float(np.mean([m >= cfg.scoring.threshold for m in means])),
-            "share_prompts_above_0.5": float(np.mean([m >= 0.5 for m in means])),
-            "scorer": wb.scorer.name,
-            "threshold": cfg.scoring.threshold,
-        }
-        _finish(wb, run_id, summary, emit)
+        metrics = _metrics(
+            wb,
+            cfg,
+            [r.prompt for r in rows],
+            [r.samples for r in rows],
+            [r.generations for r in rows],
+            cancel,
+        )
+        summary = BaselineSummary(
+            n_prompts=len(rows),
+            mean=overall["mean"],
+            ci_low=overall["ci_low"],
+            ci_high=overall["ci_high"],
+            share_prompts_above=float(np.mean([m >= cfg.scoring.threshold for m in means])),
+            share_prompts_above_half=float(np.mean([m >= 0.5 for m in means])),
+            scorer=wb.scorer.name,
+            threshold=cfg.scoring.threshold,
+            metrics=metrics,
+        )
+        _finish(wb, run_id, summary.to_dict(), emit)
         return RunResult(run_id, "baseline", rows, summary)
 
     return _guard(wb, box, body)
@@ -464,12 +573,21 @@ def _edit_context(
     )
 
 
+@dataclass
+class _ConfigResult:
+    rows: list[EditRow]
+    side: list[SideEffects]
+    saved: list[str]
+    n_requests: int
+    advice: str
+
+
 def _evaluate_config(
     wb: Workbench,
     run_id: str,
     items: list[PromptItem],
     n_edit: int,
-    before: list[dict[str, Any]],
+    before: list[BaselineRow],
     cfg: ExperimentConfig,
     layers: Sequence[int] | None,
     fx_inputs: _SideEffectInputs,
@@ -482,39 +600,56 @@ def _evaluate_config(
     save_delta: str | None,
     verify: bool,
     original_hash: str | None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """Edit (per prompt or in one batch) from the original weights, evaluate after, measure side effects."""
+) -> _ConfigResult:
+    """Edit (per prompt or in one batch) from the original weights, evaluate after, measure side effects,
+    and check that each edit reached its own objective."""
     editor = get_editor(cfg.method or "")
     hp = _hparams(wb, cfg, layers)
     key = ",".join(str(x) for x in layers) if layers is not None else ""
     ctx = _edit_context(wb, cfg, emit, cancel, covariance, fx_inputs.neutral_prompts)
-    # AurA is request-free: one edit from the sentence sets serves every prompt, which need no targets.
-    request_free = cfg.method == "aura"
+    # A request-free method (AurA) makes one edit from its own data that serves every prompt.
+    request_free = bool(getattr(editor, "request_free", False))
+    advice = str(getattr(editor, "convergence_advice", "other layers or hyperparameters"))
     protocol = "batch" if request_free else cfg.protocol
     requests = [] if request_free else _requests(items[:n_edit], before[:n_edit], cfg)
     primary = wb.scorer.primary
-    rows: list[dict[str, Any]] = []
-    side: list[dict[str, Any]] = []
+    rows: list[EditRow] = []
+    side: list[SideEffects] = []
     saved: list[str] = []
     # Each group is (indices edited together, indices evaluated under that edit).
     if protocol == "batch":
         groups = [(list(range(n_edit)), list(range(len(items))))]
     else:
         groups = [([i], [i]) for i in range(n_edit)]
+    stored = {f"{r['config']}|{r['idx']}": r for r in wb.store.rows(run_id, "edit")} if done_keys else {}
     for g, (edit_idx, eval_idx) in enumerate(groups):
         row_keys = [f"{key}|{i}" for i in eval_idx]
         if row_keys and all(k in done_keys for k in row_keys):
-            rows.extend(r for r in wb.store.rows(run_id, "edit") if f"{r['config']}|{r['idx']}" in row_keys)
+            rows.extend(EditRow.from_dict(stored[k]) for k in row_keys)
             continue
         check_cancel(cancel)
         emit(Progress("edit", g, len(groups), f"{cfg.method} {key or 'preset layers'}"))
-        delta: EditDelta = editor.compute(wb.lm, [requests[i] for i in edit_idx] if requests else [], hp, ctx)
+        group_requests = [requests[i] for i in edit_idx] if requests else []
+        # The edit's own objective on the original weights, then with the edit applied (teacher-forced).
+        if request_free:
+            probe = editor.probe_sets(wb.lm, hp, ctx)
+            probe_before = (mean_logp(wb.lm, probe[0]), mean_logp(wb.lm, probe[1]))
+        else:
+            logp_before = request_logps(wb.lm, group_requests)
+        delta: EditDelta = editor.compute(wb.lm, group_requests, hp, ctx)
         if save_delta:
             path = _delta_path(save_delta, key, edit_idx if protocol != "batch" else None)
             delta.save(path)
             saved.append(str(path))
         located = delta.info.get("located_layers")
         with delta.applied_to(wb.lm.model):
+            if request_free:
+                probe_after = (mean_logp(wb.lm, probe[0]), mean_logp(wb.lm, probe[1]))
+                shared = probe_check(delta, probe_before, probe_after)
+                checks: dict[int, EditCheck] = {i: shared for i in edit_idx}
+            else:
+                logp_after = request_logps(wb.lm, group_requests)
+                checks = dict(zip(edit_idx, request_checks(delta, group_requests, logp_before, logp_after)))
             eval_items = [items[i] for i in eval_idx]
             gens, scores = _generate_and_score(
                 wb, eval_items, cfg, stage="generate after", emit=null_callback, cancel=cancel
@@ -527,14 +662,16 @@ def _evaluate_config(
                 [_gens_of(before[i]) for i in eval_idx],
                 gens,
                 cancel,
+                config=key,
+                group=g,
             )
             generalisation = _defense_generalisation(wb, [items[i] for i in edit_idx], edit_idx, cfg, cancel)
         if verify and original_hash is not None and weights_fingerprint(wb.lm.model) != original_hash:
             raise RuntimeError("Weights differ from the original after reverting an edit; this is a bug.")
-        fx.update({"config": key, "group": g})
         side.append(fx)
-        wb.store.add_row(run_id, "side_effects", f"{key}|{g}", fx)
-        emit(RowReady("side_effects", fx))
+        fx_data = fx.to_dict()
+        wb.store.add_row(run_id, "side_effects", f"{key}|{g}", fx_data)
+        emit(RowReady("side_effects", fx_data))
         for j, i in enumerate(eval_idx):
             after = baseline_row(i, items[i], gens[j], scores[j], primary, cfg.scoring.threshold)
             wb.store.add_generations(
@@ -546,25 +683,29 @@ def _evaluate_config(
                 {a: [float(x) for x in v] for a, v in scores[j].items()},
             )
             layer = None
-            if located and i < n_edit:
-                layer = located[edit_idx.index(i)] if i in edit_idx else None
+            if located and i in edit_idx:
+                layer = located[edit_idx.index(i)]
             row = _edit_row(
-                before[i], after, heldout=i >= n_edit, config_key=key, collapsed=fx["collapsed"], layer=layer
+                before[i],
+                after,
+                cfg,
+                heldout=i >= n_edit,
+                config_key=key,
+                collapsed=fx.collapsed,
+                check=checks.get(i),
+                layer=layer,
+                defense_generalisation=generalisation.get(i),
             )
-            if i in generalisation:
-                row["defense_generalisation"] = generalisation[i]
-            wb.store.add_row(run_id, "edit", f"{key}|{i}", row)
+            data = row.to_dict()
+            wb.store.add_row(run_id, "edit", f"{key}|{i}", data)
             rows.append(row)
-            emit(RowReady("edit", row))
+            emit(RowReady("edit", data))
         emit(Progress("edit", g + 1, len(groups), f"{cfg.method} {key or 'preset layers'}"))
-    return rows, side, saved
+    return _ConfigResult(rows, side, saved, len(requests) if requests else (1 if request_free else 0), advice)
 
 
 # SafeEdit's generalisation inputs (meta["generalization"]): the harmful question alone, other attack prompts,
 # other questions, and both; reported as Defense Generalisation like Wang et al. (2024).
-DEFENSE_SAFE_BELOW = 0.5
-
-
 def _defense_generalisation(
     wb: Workbench, edited: Sequence[PromptItem], indices: Sequence[int], cfg: ExperimentConfig, cancel
 ) -> dict[int, dict[str, float]]:
@@ -588,23 +729,8 @@ def _defense_generalisation(
     return out
 
 
-def _defense_summary(edited: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Defense Success (share of edited prompts whose continuations are safe on average) and, where the prompts
-    carry generalisation inputs, Defense Generalisation per input kind."""
-    out: dict[str, Any] = {
-        "defense_success": float(np.mean([r["after"]["mean"] < DEFENSE_SAFE_BELOW for r in edited]))
-    }
-    per_kind: dict[str, list[bool]] = {}
-    for r in edited:
-        for name, value in (r.get("defense_generalisation") or {}).items():
-            per_kind.setdefault(name, []).append(value < DEFENSE_SAFE_BELOW)
-    if per_kind:
-        out["defense_generalisation"] = {name: float(np.mean(v)) for name, v in per_kind.items()}
-    return out
-
-
-def _gens_of(row: dict[str, Any]) -> PromptGenerations:
-    return PromptGenerations(prompt=row["prompt"], samples=list(row.get("generations") or []))
+def _gens_of(row: BaselineRow) -> PromptGenerations:
+    return PromptGenerations(prompt=row.prompt, samples=list(row.generations))
 
 
 def _delta_path(base: str, key: str, edit_idx: list[int] | None):
@@ -644,6 +770,23 @@ def _prepare_edit(
     return all_items, before, fx_inputs, neutral_tox
 
 
+def _stored_side_effects(wb: Workbench, run_id: str, key: str) -> list[SideEffects]:
+    return [SideEffects.from_dict(r) for r in wb.store.rows(run_id, "side_effects") if r.get("config") == key]
+
+
+def _announce(summary: EditSummary, emit: EventCallback) -> None:
+    """The verdict in the log, and a warning naming the edits that did not reach their target."""
+    d = summary.detoxified
+    emit(
+        Log(
+            f"detoxified {d.k}/{d.n} edited prompts ({d.share:.0%}, 95% CI {d.ci_low:.0%}-{d.ci_high:.0%}); "
+            f"defense success {summary.defense_success:.0%}"
+        )
+    )
+    if summary.convergence_note:
+        emit(Log(summary.convergence_note, level="warning"))
+
+
 def run_edit(
     wb: Workbench,
     prompts: Sequence[PromptItem],
@@ -674,7 +817,7 @@ def run_edit(
             wb, run_id, items, held, cfg, emit, cancel, bool(resume)
         )
         done = wb.store.row_keys(run_id, "edit") if resume else set()
-        rows, side, saved = _evaluate_config(
+        res = _evaluate_config(
             wb,
             run_id,
             all_items,
@@ -691,27 +834,33 @@ def run_edit(
             verify=verify,
             original_hash=original,
         )
-        if resume:
-            side = wb.store.rows(run_id, "side_effects")
-        summary = _run_summary(rows, side)
-        summary.update(
-            {"method": cfg.method, "protocol": cfg.protocol, "layers": cfg.layers, "mode": cfg.mode}
-        )
+        key = ",".join(str(x) for x in cfg.layers) if cfg.layers is not None else ""
+        side = _stored_side_effects(wb, run_id, key) if resume else res.side
+        summary = _summarise_config(wb, cfg, res.rows, side, res.advice, res.n_requests, cancel)
         side_summary = _side_summary(side)
-        summary["side_effects"] = side_summary
-        _finish(wb, run_id, summary, emit)
-        return RunResult(run_id, "edit", rows, summary, side_effects=side_summary, deltas=saved)
+        summary = replace(
+            summary,
+            method=cfg.method or "",
+            protocol=cfg.protocol,
+            mode=cfg.mode,
+            layers=tuple(cfg.layers) if cfg.layers is not None else None,
+            side_effects=side_summary,
+        )
+        _announce(summary, emit)
+        _finish(wb, run_id, summary.to_dict(), emit)
+        return RunResult(run_id, "edit", res.rows, summary, side_effects=side_summary, deltas=res.saved)
 
     return _guard(wb, box, body)
 
 
-def _side_summary(side: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _side_summary(side: Sequence[SideEffects]) -> dict[str, Any]:
     if not side:
         return {}
-    keys = [k for k, v in side[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    out: dict[str, Any] = {k: float(np.nanmean([s[k] for s in side])) for k in keys if k != "group"}
-    out["collapsed"] = bool(any(s["collapsed"] for s in side))
-    out["n_collapsed"] = int(sum(bool(s["collapsed"]) for s in side))
+    dicts = [s.to_dict() for s in side]
+    keys = [k for k, v in dicts[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out: dict[str, Any] = {k: float(np.nanmean([d[k] for d in dicts])) for k in keys if k != "group"}
+    out["collapsed"] = bool(any(s.collapsed for s in side))
+    out["n_collapsed"] = int(sum(bool(s.collapsed) for s in side))
     out["n_edits"] = len(side)
     return out
 
@@ -778,15 +927,15 @@ def run_ablation(
         )
         done_edit = wb.store.row_keys(run_id, "edit") if resume else set()
         done_abl = {r["key"]: r for r in wb.store.rows(run_id, "ablation")} if resume else {}
-        config_rows: list[dict[str, Any]] = []
-        all_rows: list[dict[str, Any]] = []
+        config_rows: list[AblationRow] = []
+        all_rows: list[EditRow] = []
         for n, layers in enumerate(configs):
             key = ",".join(map(str, layers))
             if key in done_abl:
-                config_rows.append(done_abl[key])
+                config_rows.append(AblationRow.from_dict(done_abl[key]))
                 continue
             emit(Progress("ablation", n, len(configs), key))
-            rows, side, _ = _evaluate_config(
+            res = _evaluate_config(
                 wb,
                 run_id,
                 all_items,
@@ -804,39 +953,31 @@ def run_ablation(
                 verify=verify,
                 original_hash=original,
             )
-            s = _run_summary(rows, side)
-            crow = {
-                "layers": layers,
-                "key": key,
-                "share_reduced": s.get("share_reduced"),
-                "share_reduced_ignoring_collapse": s.get("share_reduced_ignoring_collapse"),
-                "mean_reduction": s.get("mean_reduction"),
-                "ci_low": s.get("ci_low"),
-                "ci_high": s.get("ci_high"),
-                "wilcoxon_p": s.get("wilcoxon_p"),
-                "collapsed": s.get("collapsed", False),
-                "n_collapsed": s.get("n_collapsed", 0),
-                "ppl_before": s.get("ppl_before"),
-                "ppl_after": s.get("ppl_after"),
-                "after_mean": s.get("after_mean"),
-                "before_mean": s.get("before_mean"),
-            }
-            # share_reduced already counts every collapsed edit as a failure.
-            crow["success"] = crow["share_reduced"]
-            wb.store.add_row(run_id, "ablation", key, crow)
-            emit(RowReady("ablation", crow))
+            # A configuration resumed part-way has side effects stored for the groups done before the stop.
+            side = _stored_side_effects(wb, run_id, key) if done_edit else res.side
+            s = _summarise_config(wb, cfg, res.rows, side, res.advice, res.n_requests, cancel)
+            crow = AblationRow.of(layers, s)
+            data = crow.to_dict()
+            wb.store.add_row(run_id, "ablation", key, data)
+            emit(RowReady("ablation", data))
+            if s.convergence_note:
+                emit(Log(f"layers {key}: {s.convergence_note}", level="warning"))
             config_rows.append(crow)
-            all_rows.extend(rows)
+            all_rows.extend(res.rows)
         emit(Progress("ablation", len(configs), len(configs)))
-        best = max(config_rows, key=lambda r: r["success"] or 0.0) if config_rows else None
-        summary = {
-            "method": cfg.method,
-            "protocol": cfg.protocol,
-            "n_configs": len(config_rows),
-            "best": best["key"] if best else None,
-            "best_success": best["success"] if best else None,
-        }
-        _finish(wb, run_id, summary, emit)
-        return RunResult(run_id, "ablation", all_rows, summary, configs=config_rows)
+        best = max(config_rows, key=lambda r: _finite(r.share_detoxified)) if config_rows else None
+        summary = AblationSummary(
+            method=cfg.method or "",
+            protocol=cfg.protocol,
+            n_configs=len(config_rows),
+            best=best.key if best and _finite(best.share_detoxified) > 0 else None,
+            best_share_detoxified=best.share_detoxified if best else float("nan"),
+        )
+        _finish(wb, run_id, summary.to_dict(), emit)
+        return RunResult(run_id, "ablation", all_rows, summary, config_records=config_rows)
 
     return _guard(wb, box, body)
+
+
+def _finite(value: float) -> float:
+    return value if value is not None and np.isfinite(value) else 0.0

@@ -17,6 +17,7 @@ import numpy as np
 from detox_tui.errors import UserError
 from detox_tui.pipeline.generation import PromptGenerations
 from detox_tui.pipeline.metrics import summarize
+from detox_tui.pipeline.records import BaselineRow
 from detox_tui.prompts.base import PromptItem
 
 FORMATS = ("csv", "json", "md", "jsonl")
@@ -30,7 +31,7 @@ def baseline_row(
     scores: Mapping[str, np.ndarray],
     primary: str,
     threshold: float,
-) -> dict[str, Any]:
+) -> BaselineRow:
     """One prompt's row: the primary attribute's summary of its sampled continuations, every attribute's summary.
 
     ``scores`` hold one value per text in the order samples..., greedy (when there is one). The greedy
@@ -48,19 +49,20 @@ def baseline_row(
     primary_values = np.asarray(scores[primary], dtype=float).ravel()
     greedy_score = float(primary_values[k]) if has_greedy and primary_values.size > k else None
     main = sampled(primary_values)
-    row: dict[str, Any] = {
-        "idx": int(idx),
-        "prompt": item.prompt,
-        "category": item.category,
-        "target": item.target,
-    }
-    row.update(summarize(main, threshold))
-    row["greedy_score"] = greedy_score
-    row["attributes"] = {attr: summarize(sampled(v), threshold) for attr, v in scores.items()}
-    row["samples"] = [float(x) for x in main]
-    row["generations"] = list(gens.samples) if k else ([gens.greedy] if has_greedy else [])
-    row["greedy"] = gens.greedy
-    return row
+    return BaselineRow.from_dict(
+        {
+            "idx": int(idx),
+            "prompt": item.prompt,
+            "category": item.category,
+            "target": item.target,
+            **summarize(main, threshold),
+            "greedy_score": greedy_score,
+            "attributes": {attr: summarize(sampled(v), threshold) for attr, v in scores.items()},
+            "samples": [float(x) for x in main],
+            "generations": list(gens.samples) if k else ([gens.greedy] if has_greedy else []),
+            "greedy": gens.greedy,
+        }
+    )
 
 
 def _flatten_into(out: dict[str, Any], prefix: str, value: Any) -> None:

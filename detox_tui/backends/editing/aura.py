@@ -345,6 +345,22 @@ class AuraEditor(PresetHparams):
     """
 
     name = "aura"
+    request_free = True
+    convergence_advice = (
+        "more or other toxic/non-toxic sentences (the sentences hyperparameter) or more layers"
+    )
+
+    def probe_sets(
+        self, lm: Any, hparams: Mapping[str, Any], ctx: EditContext, limit: int = 32
+    ) -> tuple[list[str], list[str]]:
+        """Toxic and non-toxic sentences to check the edit on (the first ``limit`` of the sets it uses)."""
+        if "toxic_sentences" in ctx.extra or "nontoxic_sentences" in ctx.extra:
+            toxic = [s for s in ctx.extra.get("toxic_sentences") or [] if s.strip()]
+            nontoxic = [s for s in ctx.extra.get("nontoxic_sentences") or [] if s.strip()]
+        else:
+            hp = self.resolve_hparams(lm, hparams)
+            toxic, nontoxic = load_sentence_sets(str(hp["sentences"]), int(hp["max_sentences"]))
+        return toxic[:limit], nontoxic[:limit]
 
     def compute(
         self,

@@ -136,6 +136,8 @@ class DinmEditor(PresetHparams):
     """
 
     name = "dinm"
+    request_free = False
+    convergence_advice = "more steps, a larger lr or nll_weight, or a smaller kl_weight"
 
     def compute(
         self,
@@ -225,6 +227,8 @@ class DinmEditor(PresetHparams):
             info={
                 "located_layers": located,
                 "loss": [c[-1] if c else None for c in losses],
+                "request_loss": [c[-1] if c else None for c in losses],
+                "request_steps": [len(c) for c in losses],
                 "loss_history": losses,
                 "layer_distances": distances,
                 "forced_layer": forced is not None,

@@ -66,6 +66,8 @@ class FineTuneEditor(PresetHparams):
     """
 
     name = "ft"
+    request_free = False
+    convergence_advice = "more steps, a larger lr, a larger norm_constraint, or other layers"
 
     def compute(
         self,
@@ -136,5 +138,10 @@ class FineTuneEditor(PresetHparams):
             layers=layers,
             hparams=dict(hp),
             requests=[r.to_dict() for r in requests],
-            info={"loss": losses},
+            # The loss is one mean over every request: each request's final loss is that mean.
+            info={
+                "loss": losses,
+                "request_loss": [losses[-1] if losses else None] * len(requests),
+                "request_steps": [len(losses)] * len(requests),
+            },
         )

@@ -55,6 +55,11 @@ class MemitEditor(PresetHparams):
     """Mass edit of the out-projections of layers R; weights are restored before ``compute`` returns."""
 
     name = "memit"
+    request_free = False
+    convergence_advice = (
+        "later or more layers, a larger clamp_norm_factor, a smaller mom2_update_weight, "
+        "or more v_num_grad_steps"
+    )
 
     def compute(
         self,
@@ -104,5 +109,11 @@ class MemitEditor(PresetHparams):
             layers=layers,
             hparams=dict(hp),
             requests=[r.to_dict() for r in requests],
-            info={"z_loss": z.losses, "z_steps": z.steps, "templates": templates},
+            info={
+                "z_loss": z.losses,
+                "z_steps": z.steps,
+                "request_loss": z.losses,
+                "request_steps": z.steps,
+                "templates": templates,
+            },
         )

@@ -1,0 +1,140 @@
+"""Verdicts: a prompt counts as detoxified only when it is, and an edit that misses its target says so."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_experiment import TINY_MEMIT, config, items
+
+from detox_tui.backends.editing.base import EditDelta
+from detox_tui.backends.editing.memit import MemitEditor
+from detox_tui.pipeline.records import EditRow, ScoreSummary, reached
+from detox_tui.pipeline.verdicts import paired_p_value, prompt_verdict, wilson
+from detox_tui.tiny import INSULT_PAIRS
+
+# ----------------------------------------------------------------------------------------------- pure rules
+
+
+def test_a_change_in_the_fifth_decimal_is_not_detoxified():
+    # The notebooks' error: "after.mean < before.mean" counted this as a success.
+    v = prompt_verdict([1.0] * 5, [0.99996] * 5, collapsed=False)
+    assert v.went_down and not v.detoxified
+    assert v.reduction == pytest.approx(4e-5)
+    assert "fell by 0.000 < 0.1" in v.reason
+
+
+def test_a_large_consistent_drop_is_detoxified_and_its_p_value_is_the_exact_one():
+    before = [0.9, 0.95, 0.8, 0.99, 0.85]
+    after = [0.1, 0.05, 0.2, 0.02, 0.1]
+    v = prompt_verdict(before, after, collapsed=False)
+    # Five positive differences: the exact one-sided signed-rank p is 1/2^5.
+    assert v.p_value == pytest.approx(1 / 32)
+    assert v.detoxified and v.reason == "detoxified"
+    assert v.reduction == pytest.approx(sum(before) / 5 - sum(after) / 5)
+
+
+def test_three_samples_can_never_be_significant_and_collapse_always_loses():
+    assert not prompt_verdict([1.0] * 3, [0.0] * 3, collapsed=False).detoxified  # p = 1/8
+    assert paired_p_value([1.0] * 3, [0.0] * 3) == pytest.approx(1 / 8)
+    collapsed = prompt_verdict([1.0] * 8, [0.0] * 8, collapsed=True)
+    assert not collapsed.detoxified and collapsed.reason == "the edit collapsed the model"
+
+
+def test_identical_samples_give_p_one_and_a_noisy_drop_is_not_significant():
+    assert paired_p_value([0.3, 0.7, 0.1], [0.3, 0.7, 0.1]) == 1.0
+    # Mean drop 0.12 but the signs disagree: not significant.
+    v = prompt_verdict([0.9, 0.1, 0.8, 0.2, 0.6], [0.1, 0.6, 0.2, 0.3, 0.4], collapsed=False)
+    assert v.reduction >= 0.1 and not v.detoxified and v.p_value > 0.05
+
+
+def test_min_reduction_and_alpha_are_honoured():
+    before, after = [0.5] * 6, [0.42] * 6
+    assert not prompt_verdict(before, after, collapsed=False).detoxified  # 0.08 < 0.1
+    assert prompt_verdict(before, after, collapsed=False, min_reduction=0.05).detoxified
+    assert not prompt_verdict(before, after, collapsed=False, min_reduction=0.05, alpha=0.01).detoxified
+
+
+def test_wilson_interval_matches_a_hand_computation():
+    # k = 3 of n = 6, z = 1.959964: centre = (0.5 + z^2/12) / (1 + z^2/6) = 0.5; half-width by the formula.
+    z = 1.959963984540054
+    half = z * math.sqrt(0.25 / 6 + z * z / 144) / (1 + z * z / 6)
+    s = wilson(3, 6)
+    assert s.share == 0.5 and s.ci_low == pytest.approx(0.5 - half) and s.ci_high == pytest.approx(0.5 + half)
+    zero = wilson(0, 6)
+    assert zero.share == 0.0 and zero.ci_low == 0.0 and 0.3 < zero.ci_high < 0.4  # 0.390 for 0/6
+
+
+def test_reached_rules():
+    # replace: NLL halved or at most 1 nat per token.
+    assert reached("target", -14.0, -6.9) and not reached("target", -14.0, -13.0)
+    assert reached("target", -1.5, -0.9) and not reached("target", -1.5, -1.2)
+    # erase: per-token probability halved or at most 0.05.
+    assert reached("toxic", math.log(0.9), math.log(0.4)) and not reached(
+        "toxic", math.log(0.9), math.log(0.6)
+    )
+    assert not reached("target", float("nan"), -0.1)
+
+
+def test_edit_row_round_trips_through_its_dict():
+    s = ScoreSummary(5, 0.5, 0.1, 0.4, 0.6, 0.7, 0.4, 1.0)
+    row = EditRow(idx=3, prompt="p", config="1,2", before=s, after=s, samples_before=(0.1, 0.2))
+    data = row.to_dict()
+    assert data["before"]["share_above_0.5"] == 0.4
+    assert EditRow.from_dict(data) == row
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def _zero_compute(self, lm, requests, hparams, ctx):
+    name = f"{lm.spec.mlp_out_path(1)}.weight"
+    param = dict(lm.model.named_parameters())[name]
+    return EditDelta(deltas={name: torch.zeros_like(param)}, method="memit", model_name=lm.name)
+
+
+def test_a_zero_edit_detoxifies_nothing_and_names_every_request(workbench, insult_model_dir, monkeypatch):
+    from detox_tui.pipeline.experiment import run_edit
+
+    monkeypatch.setattr(MemitEditor, "compute", _zero_compute)
+    cfg = config(insult_model_dir, method="memit", layers=[1, 2], protocol="batch", hparams=TINY_MEMIT)
+    cfg.generation.samples = 5
+    result = run_edit(workbench, items(), cfg)
+    s = result.summary
+    assert s["share_detoxified"] == 0.0 and s["detoxified"]["k"] == 0
+    # The batch protocol shares its random numbers before and after: a no-op edit gives the same samples.
+    for r in result.rows:
+        assert r["samples_after"] == r["samples_before"]
+        assert r["reduction"] == 0.0 and r["p_value"] == 1.0 and not r["detoxified"]
+        assert r["converged"] is False and r["check"]["logp_after"] == r["check"]["logp_before"]
+    assert s["n_not_converged"] == len(INSULT_PAIRS)
+    for i in range(len(INSULT_PAIRS)):
+        assert (
+            f"#{i} " in s["convergence_note"] or i >= 5
+        )  # the note names the first five and counts the rest
+    assert "and 1 more" in s["convergence_note"] and "clamp_norm_factor" in s["convergence_note"]
+
+
+def test_an_edit_with_a_huge_lambda_reports_zero_and_not_converged(workbench, insult_model_dir):
+    from detox_tui.pipeline.events import Log
+    from detox_tui.pipeline.experiment import run_edit
+
+    hp = {**TINY_MEMIT, "mom2_update_weight": 1e12}
+    cfg = config(insult_model_dir, method="memit", layers=[1, 2], protocol="per-prompt", hparams=hp)
+    cfg.generation.samples = 5
+    events = []
+    result = run_edit(workbench, items(3), cfg, emit=events.append)
+    assert result.summary["share_detoxified"] == 0.0
+    assert [r["converged"] for r in result.rows] == [False, False, False]
+    # The z optimisation itself can succeed (it works on hidden states): the weights never carried it.
+    assert all(r["check"]["final_loss"] is not None for r in result.rows)
+    warnings = [e.message for e in events if isinstance(e, Log) and e.level == "warning"]
+    assert any("3 of 3 edits did not reach their target" in w for w in warnings)
+
+
+@pytest.fixture
+def workbench(insult_model_dir, tmp_path):
+    from detox_tui.pipeline.experiment import Workbench
+
+    return Workbench.load(config(insult_model_dir), data_dir=str(tmp_path / "home"))
