@@ -128,3 +128,134 @@ def test_validated_preset_hparams_locate_per_request(insult_lm):
     delta = DinmEditor().compute(insult_lm, _requests(), hp, EditContext())
     assert delta.info["forced_layer"] is False
     assert len(delta.info["located_layers"]) == 3
+
+
+# ---------------------------------------------------------------- location on a hand-wired model
+
+LOCATE_PROMPT, LOCATE_UNSAFE, LOCATE_SAFE = INSULT_PAIRS[0]
+WRITE = 2  # the residual coordinate the hand-wired units write on
+
+
+def _wire_toxic_layer(lm, toxic_layer: int) -> None:
+    """Hand-set tiny_lm's weights so that the safe/unsafe block-output distance peaks at ``toxic_layer``.
+
+    Tokens only in the unsafe response get +10 on residual coordinate 0 (0 for every other token and
+    position). In block ``toxic_layer`` MLP unit 0 reads that marker and writes ~+250 on coordinate WRITE;
+    in the next block (if any) unit 0 reads coordinate WRITE and writes ~-250 back, cancelling it. So only
+    block ``toxic_layer``'s output carries the large difference; blocks before and after differ by about the
+    marker. No block writes anything through attention, so each position is on its own.
+    """
+    ids = lambda text: set(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    marked = ids(LOCATE_UNSAFE) - ids(LOCATE_SAFE) - ids(LOCATE_PROMPT)
+    assert marked
+    tr = lm.model.transformer
+    with torch.no_grad():
+        tr.wte.weight[:, [0, WRITE]] = 0.0
+        tr.wte.weight[sorted(marked), 0] = 10.0
+        tr.wpe.weight[:, [0, WRITE]] = 0.0
+        for block in tr.h:
+            block.attn.c_proj.weight.zero_()
+            block.attn.c_proj.bias.zero_()
+            block.mlp.c_proj.weight[:, [0, WRITE]] = 0.0
+            block.mlp.c_proj.bias[[0, WRITE]] = 0.0
+        wired = [(toxic_layer, 0, 50.0)]
+        if toxic_layer + 1 < lm.n_layers:
+            wired.append((toxic_layer + 1, WRITE, -50.0))
+        for layer, read, write in wired:
+            mlp = tr.h[layer].mlp  # Conv1D weights: (in, out)
+            mlp.c_fc.weight[:, 0] = 0.0
+            mlp.c_fc.weight[read, 0] = 1.0
+            mlp.c_fc.bias[0] = -3.0  # silent (gelu ~ 0) unless the coordinate read dominates the layer norm
+            mlp.c_proj.weight[0, :] = 0.0
+            mlp.c_proj.weight[0, WRITE] = write
+
+
+def _response_block_distances(lm, prompt: str, safe: str, unsafe: str) -> list[float]:
+    """L2 distance between the safe and unsafe responses' block outputs, each mean-pooled over the
+    response tokens: computed here from HF's hidden states (the last one without the final norm)."""
+
+    def states(response):
+        p_ids = lm.tokenizer(prompt)["input_ids"]
+        r_ids = lm.tokenizer(response, add_special_tokens=False)["input_ids"]
+        last = []
+        handle = lm.model.transformer.h[-1].register_forward_hook(
+            lambda _m, _i, out: last.append((out[0] if isinstance(out, tuple) else out)[0])
+        )
+        try:
+            with torch.no_grad():
+                out = lm.model(input_ids=torch.tensor([p_ids + r_ids]), output_hidden_states=True)
+        finally:
+            handle.remove()
+        blocks = [h[0] for h in out.hidden_states[1:-1]] + last
+        return [b[len(p_ids) :].mean(0) for b in blocks]
+
+    return [float((s - u).norm()) for s, u in zip(states(safe), states(unsafe), strict=True)]
+
+
+@pytest.mark.parametrize("toxic_layer", [1, 2, 3])
+def test_locate_finds_the_layer_where_safe_and_unsafe_hidden_states_differ_most(tiny_lm, toxic_layer):
+    _wire_toxic_layer(tiny_lm, toxic_layer)
+    expected = _response_block_distances(tiny_lm, LOCATE_PROMPT, LOCATE_SAFE, LOCATE_UNSAFE)
+    others = [d for i, d in enumerate(expected) if i != toxic_layer]
+    assert expected[toxic_layer] > 5 * max(others)  # the wiring really puts the peak there
+
+    layer, distances = locate_toxic_layer(tiny_lm, LOCATE_PROMPT, LOCATE_SAFE, LOCATE_UNSAFE)
+    assert layer == toxic_layer
+    assert distances == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+    # The editor locates it too, and tunes only that layer's out-projection.
+    request = EditRequest(prompt=LOCATE_PROMPT, target=LOCATE_SAFE, toxic=LOCATE_UNSAFE)
+    delta = DinmEditor().compute(tiny_lm, [request], {"steps": 1}, EditContext())
+    assert delta.info["located_layers"] == [toxic_layer]
+    assert list(delta.deltas) == [f"{tiny_lm.spec.mlp_out_path(toxic_layer)}.weight"]
+
+
+# ---------------------------------------------------------------- the KL term keeps neutral prompts in place
+
+NEUTRAL = [
+    "The weather today is",
+    "My favourite book is",
+    "The best way to cook rice is",
+    "Yesterday I went to the",
+    "The history of the city began",
+    "On weekends we like to",
+]
+
+
+def _neutral_drift(lm, delta: EditDelta) -> float:
+    """Mean KL(p_original || p_edited) of the next-token distributions at every position of each neutral
+    prompt (one prompt at a time, no padding): measured here, not by the editor."""
+
+    def log_probs():
+        with torch.no_grad():
+            return [
+                torch.log_softmax(
+                    lm.model(input_ids=torch.tensor([lm.tokenizer(p)["input_ids"]])).logits[0], -1
+                )
+                for p in NEUTRAL
+            ]
+
+    before = log_probs()
+    with delta.applied_to(lm.model):
+        after = log_probs()
+    return float(torch.cat([(b.exp() * (b - a)).sum(-1) for b, a in zip(before, after, strict=True)]).mean())
+
+
+@pytest.mark.parametrize(
+    "hparams", [{}, TINY_HPARAMS], ids=["preset", "tiny-strong"]
+)  # {} = the preset: kl_weight 1.0, nll_weight 0.1, 10 steps, lr 5e-4
+def test_kl_term_keeps_neutral_next_token_distributions_closer(insult_lm, hparams):
+    prompt, insult, safe = INSULT_PAIRS[0]
+    requests = [EditRequest(prompt=prompt, target=safe, toxic=insult)]
+    ctx = EditContext(neutral_prompts=NEUTRAL)
+    editor = DinmEditor()
+    assert editor.resolve_hparams(insult_lm, hparams)["kl_weight"] > 0
+    with_kl = editor.compute(insult_lm, requests, hparams, ctx)
+    without_kl = editor.compute(insult_lm, requests, {**hparams, "kl_weight": 0.0}, ctx)
+    assert with_kl.info["located_layers"] == without_kl.info["located_layers"]
+
+    drift_kl, drift_free = _neutral_drift(insult_lm, with_kl), _neutral_drift(insult_lm, without_kl)
+    assert drift_free > 0  # the edit does move the neutral prompts when nothing holds them
+    assert drift_kl < drift_free
+    if hparams:  # long enough for the KL gradient (zero at the first step) to matter a lot
+        assert drift_kl < 0.5 * drift_free
