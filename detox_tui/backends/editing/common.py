@@ -126,13 +126,12 @@ def _run_until(lm: Any, ids: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def compute_keys(
+def template_keys(
     lm: Any, layer: int, requests: Sequence[EditRequest], templates: Sequence[str]
 ) -> torch.Tensor:
-    """Out-projection inputs at the key token, averaged over templates: float64 [n_requests, d_mlp] on CPU.
+    """Out-projection inputs at the key token of every templated prompt: float64 [n_requests, n_templates, d_mlp].
 
-    Averaged within each template group (bare prompt; sampled prefixes), then across groups, as in the
-    reference. Computed on the model as it is now (MEMIT calls it on the partly edited model).
+    One forward pass, on the model as it is now; callers choose how to average over the templates.
     """
     rows, keys = [], []
     for req in requests:
@@ -154,7 +153,19 @@ def compute_keys(
         _run_until(lm, ids, mask)
     finally:
         handle.remove()
-    k = captured["k"].to("cpu", torch.float64).view(len(requests), len(templates), -1)
+    return captured["k"].to("cpu", torch.float64).view(len(requests), len(templates), -1)
+
+
+def compute_keys(
+    lm: Any, layer: int, requests: Sequence[EditRequest], templates: Sequence[str]
+) -> torch.Tensor:
+    """Out-projection inputs at the key token, averaged over templates: float64 [n_requests, d_mlp] on CPU.
+
+    MEMIT's averaging (kmeng01/memit compute_ks): within each template group (bare prompt; sampled
+    prefixes), then across groups. ROME averages flat over all templates instead (see rome.py).
+    Computed on the model as it is now (MEMIT calls it on the partly edited model).
+    """
+    k = template_keys(lm, layer, requests, templates)
     groups = template_groups(templates)
     return torch.stack([k[:, g].mean(dim=1) for g in groups], dim=0).mean(dim=0)
 
@@ -184,10 +195,10 @@ def module_output_at_key(lm: Any, path: str, requests: Sequence[EditRequest]) ->
 class TargetResult:
     """Result of the z / v optimisation: ``init + delta`` is the value to install at the edit point."""
 
-    delta: torch.Tensor  # [n_requests, d_model] float32, on the model's device
-    init: (
-        torch.Tensor
-    )  # [n_requests, d_model] float32: the edit point's output at the bare prompt's key token
+    # Both [n_requests, d_model] on the model's device, in compute_dtype(lm): float64 for a float64
+    # model, else float32. ``init`` is the edit point's output at the bare prompt's key token.
+    delta: torch.Tensor
+    init: torch.Tensor
     losses: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
 
@@ -241,10 +252,11 @@ def _build_batch(lm: Any, requests: Sequence[EditRequest], templates: Sequence[s
                 tgt_row_of.append(len(nll_rows) - 1)
         if len(init_rows) == r:  # no bare template given: measure the norm on the first one
             init_rows.append(nll_rows[r * len(templates)])
-        # KL anchor "{subject} is a" keeps what the model says about the subject itself close to the original.
-        subject = req.prompt[: key_span_end(req)]
+        # KL anchor "{subject} is a" (the reference's kl_prompts) keeps what the model says about the subject
+        # itself close to the original: the subject alone, or the whole prompt when there is no subject.
+        subject = req.subject or req.prompt
         kl_ids = _ids(lm, f"{subject} is a")
-        kl_key = len(_ids(lm, subject)) - 1
+        kl_key = min(len(_ids(lm, subject)), len(kl_ids)) - 1
         kl_rows.append(len(rows))
         # The reference reads the KL at the subject's last token, which predicts " is", not the target. When the
         # key is the prompt's last token (no subject, or one that ends the prompt) that same position predicts the
@@ -277,11 +289,32 @@ def _build_batch(lm: Any, requests: Sequence[EditRequest], templates: Sequence[s
     )
 
 
-def _loss_point(lm: Any, v_loss_layer: int) -> tuple[str, bool]:
-    """Where the loss reads hidden states: the final norm's output, or block ``v_loss_layer``'s output."""
+def path_layer(lm: Any, path: str) -> int | None:
+    """The block index a module path lies in (a block, or a module inside one), or None."""
+    for layer in range(lm.n_layers):
+        block = lm.spec.block_path(layer)
+        if path == block or path.startswith(block + "."):
+            return layer
+    return None
+
+
+def _loss_point(lm: Any, v_loss_layer: int, edit_layer: int | None) -> tuple[str, bool]:
+    """Where the loss reads hidden states: the final norm's output, or block ``v_loss_layer``'s output.
+
+    A loss layer below the edited one would read states the edit cannot reach; like the reference
+    (kmeng01/rome and memit compute_v/compute_z: ``loss_layer = max(v_loss_layer, layer)``) it is
+    raised to the edited layer.
+    """
+    if edit_layer is not None:
+        v_loss_layer = max(v_loss_layer, edit_layer)
     if v_loss_layer >= lm.n_layers - 1:
         return lm.spec.final_norm, False
     return lm.spec.block_path(v_loss_layer), True
+
+
+def compute_dtype(lm: Any) -> torch.dtype:
+    """The dtype of the edit math: the model's own when it is float64, else float32 (never fp16/bf16)."""
+    return torch.float64 if lm.dtype == torch.float64 else torch.float32
 
 
 def _group_mean(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
@@ -303,10 +336,11 @@ def _optimise(
 ) -> TargetResult:
     n = len(requests)
     batch = _build_batch(lm, requests, templates)
-    loss_path, needs_norm = _loss_point(lm, int(hp["v_loss_layer"]))
+    loss_path, needs_norm = _loss_point(lm, int(hp["v_loss_layer"]), path_layer(lm, edit_path))
     final_norm = lm.module(lm.spec.final_norm)
     unembed = lm.module(lm.spec.unembed)
-    delta = torch.zeros((n, lm.d_model), dtype=torch.float32, device=lm.device, requires_grad=True)
+    dtype = compute_dtype(lm)
+    delta = torch.zeros((n, lm.d_model), dtype=dtype, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=float(hp["v_lr"]))
     state: dict[str, torch.Tensor] = {}
 
@@ -314,7 +348,7 @@ def _optimise(
         hidden = _first(output)
         if "init" not in state:
             at_init = hidden[batch.init_rows, batch.key_pos[batch.init_rows]]
-            state["init"] = at_init.detach().float()
+            state["init"] = at_init.detach().to(dtype)
         add = torch.zeros_like(hidden)
         add = add.index_put((batch.key_rows, batch.key_pos), delta[batch.key_req].to(hidden.dtype))
         return _replace_first(output, hidden + add)
@@ -329,7 +363,7 @@ def _optimise(
     ]
     steps_total = int(hp["v_num_grad_steps"])
     active = torch.ones(n, dtype=torch.bool, device=lm.device)
-    losses = torch.zeros(n)
+    losses = torch.zeros(n, dtype=torch.float64)
     steps_done = torch.zeros(n, dtype=torch.long)
     kl_init: torch.Tensor | None = None
     erase = torch.tensor([req.mode == "erase" for req in requests], device=lm.device)
@@ -340,14 +374,14 @@ def _optimise(
             hidden = state.pop("hidden")
             if needs_norm:
                 hidden = final_norm(hidden)
-            tgt_logp = unembed(hidden[batch.tgt_rows, batch.tgt_pos]).float().log_softmax(-1)
+            tgt_logp = unembed(hidden[batch.tgt_rows, batch.tgt_pos]).to(dtype).log_softmax(-1)
             tok_logp = tgt_logp.gather(1, batch.tgt_ids[:, None])[:, 0]
             # replace: NLL of the safe target; erase: unlikelihood -log(1 - p) of the toxic tokens.
             unlikely = -torch.log((-torch.expm1(tok_logp)).clamp_min(1e-12))
             per_tok = torch.where(erase[batch.nll_req[batch.tgt_row_of]], unlikely, -tok_logp)
             per_row = _group_mean(per_tok, batch.tgt_row_of, len(batch.nll_rows))
             task = _group_mean(per_row, batch.nll_req, n)
-            kl_logp = unembed(hidden[batch.kl_rows, batch.kl_read]).float().log_softmax(-1)
+            kl_logp = unembed(hidden[batch.kl_rows, batch.kl_read]).to(dtype).log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
@@ -355,7 +389,7 @@ def _optimise(
             decay = delta.norm(dim=-1) / init.norm(dim=-1) ** 2
             loss = task + float(hp["kl_factor"]) * kl + float(hp["v_weight_decay"]) * decay
             detached = loss.detach()
-            losses[active.cpu()] = detached[active].cpu()
+            losses[active.cpu()] = detached[active].cpu().double()
             active = active & (detached >= EARLY_STOP_LOSS)
             on_step(it + 1, steps_total)
             if it == steps_total - 1 or not bool(active.any()):
@@ -399,8 +433,10 @@ def compute_targets(
     """Optimise one vector per request added to ``edit_path``'s output at the key token of every template.
 
     Loss per request = mean over templates of the target NLL (erase: the toxic tokens' unlikelihood
-    -log(1 - p)) read through the final norm and unembedding at ``v_loss_layer`` + kl_factor x
-    KL(p_now || p_orig) on "{subject} is a" at the key token + v_weight_decay x ||delta|| / ||h||^2.
+    -log(1 - p)) read through the final norm and unembedding at max(``v_loss_layer``, edited layer) +
+    kl_factor x KL(p_now || p_orig) on "{subject} is a" (the whole prompt when there is no subject), read
+    at the subject's last token (at " a" when the key is the prompt's last token) + v_weight_decay x
+    ||delta|| / ||h||^2, in float32 (float64 for a float64 model).
     Adam (v_lr), at most v_num_grad_steps; a request stops (and is frozen) when its loss < 0.05; after
     each step ||delta_i|| is clamped to clamp_norm_factor x ||h_i||. With ``batch_z`` (default) every
     request is optimised in one [n, d_model] parameter; the result equals the one-at-a-time result,

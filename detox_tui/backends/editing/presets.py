@@ -20,7 +20,12 @@ OPTIONAL_KEYS: dict[str, dict[str, Any]] = {
     "aura": {"layers": []},
 }
 LAYER_KEYS = ("layer", "v_loss_layer")
-CHOICES: dict[str, tuple[str, ...]] = {"objective": ("ft-m", "ft-l")}
+# String hyperparameters that take one of a fixed set of values. ROME's key_form: "consistent" (r-ROME,
+# Gupta et al. 2024, the default in every preset) or "reference" (exactly kmeng01/rome); see rome.py.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "objective": ("ft-m", "ft-l"),
+    "key_form": ("consistent", "reference"),
+}
 AT_LEAST_ONE = ("v_num_grad_steps", "steps", "n_templates", "template_length", "max_sentences")
 
 

@@ -1,4 +1,21 @@
-"""ROME (Meng et al. 2022): a C^-1-preconditioned rank-one update of one layer's out-projection per request."""
+"""ROME (Meng et al. 2022): a C^-1-preconditioned rank-one update of one layer's out-projection per request.
+
+Two key forms (hyperparameter ``key_form``), with k_j = the out-projection input at the key token of
+template j, k_avg = the flat mean of k_j over all templates (kmeng01/rome compute_u), k_bare = k_j of
+the bare "{}" template, u = C^-1 k_avg and v* = the optimised MLP output:
+
+- "reference": exactly kmeng01/rome (compute_u / compute_v): Delta W = (v* - W k_bare - b) u^T / (u^T k_bare).
+  The edited layer maps k_bare to v*.
+- "consistent": r-ROME, Gupta et al. 2024, "Rebuilding ROME: Resolving Model Collapse during Sequential
+  Model Editing" (EMNLP 2024, arXiv:2403.07175; scalable-model-editing/rebuilding-rome with
+  enable_random_prefix_keys): the same averaged key in the residual and the denominator,
+  Delta W = (v* - W k_avg - b) u^T / (u^T k_avg). The edited layer maps k_avg to v*.
+
+The default is "consistent": Gupta et al. show that the reference's mix of keys is what produces
+"disabling edits" (update norms orders of magnitude too large, immediate model collapse), and that the
+consistent form removes the collapse in sequential editing while improving generalisation and locality.
+This editor applies several requests one after another, which is that sequential setting.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +27,11 @@ import torch
 
 from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.common import (
-    compute_keys,
     compute_targets,
     context_templates,
     solve_psd,
     template_hparams,
+    template_keys,
 )
 from detox_tui.backends.editing.memit import layer_covariances, linalg_device, weight_name
 from detox_tui.backends.editing.presets import PresetHparams
@@ -22,6 +39,8 @@ from detox_tui.backends.models import linear_weight_out_in, to_param_layout
 from detox_tui.pipeline.events import check_cancel
 
 log = logging.getLogger(__name__)
+
+KEY_FORMS: tuple[str, ...] = ("consistent", "reference")
 
 
 class RomeEditor(PresetHparams):
@@ -38,6 +57,7 @@ class RomeEditor(PresetHparams):
     ) -> EditDelta:
         hp = self.resolve_hparams(lm, hparams)
         layer = int(hp["layer"])
+        key_form = str(hp.get("key_form", "consistent"))
         n_templates, length = template_hparams(hp)
         templates = context_templates(lm, n=n_templates, length=length)
         cov = layer_covariances(lm, [layer], ctx)[layer]
@@ -48,6 +68,8 @@ class RomeEditor(PresetHparams):
         total = torch.zeros((lm.d_model, lm.d_mlp), dtype=torch.float64, device=dev)
         losses: list[float] = []
         steps: list[int] = []
+        divisions: list[float] = []
+        bare = templates.index("{}") if "{}" in templates else 0
         applied: EditDelta | None = None
         try:
             for i, req in enumerate(requests):
@@ -64,15 +86,21 @@ class RomeEditor(PresetHparams):
                 )
                 losses += v.losses
                 steps += v.steps
-                k_star = compute_keys(lm, layer, [req], templates)[0].to(dev)
+                keys = template_keys(lm, layer, [req], templates)[0].to(dev)  # [n_templates, d_mlp]
+                k_avg = keys.mean(dim=0)  # flat over all templates, as kmeng01/rome compute_u
+                k_res = keys[bare] if key_form == "reference" else k_avg
                 v_star = (v.init + v.delta)[0].to(dev, torch.float64)
                 with torch.no_grad():
                     weight = linear_weight_out_in(module, lm.spec).to(dev, torch.float64)
                     bias = getattr(module, "bias", None)
-                    out_k = weight @ k_star + (bias.to(dev, torch.float64) if bias is not None else 0.0)
-                u = solve_psd(cov, k_star)  # C^-1 k*
-                # Delta W = (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*): the new layer maps k* to v*.
-                total += torch.outer(v_star - out_k, u) / torch.dot(u, k_star)
+                    out_k = weight @ k_res + (bias.to(dev, torch.float64) if bias is not None else 0.0)
+                u = solve_psd(cov, k_avg)  # C^-1 k_avg (the reference normalises it; the scale cancels)
+                division = torch.dot(u, k_res)
+                if float(division) <= 0:
+                    log.warning("rome request %d: non-positive denominator %.4g", i + 1, float(division))
+                divisions.append(float(division / u.norm()))  # the reference's "division factor"
+                # Delta W = (v* - W k - b) u^T / (u^T k): the new layer maps k (k_bare or k_avg) to v*.
+                total += torch.outer(v_star - out_k, u) / division
                 if applied is not None:
                     applied.revert(lm.model)
                 applied = EditDelta(
@@ -92,5 +120,11 @@ class RomeEditor(PresetHparams):
             layers=[layer],
             hparams=dict(hp),
             requests=[r.to_dict() for r in requests],
-            info={"v_loss": losses, "v_steps": steps, "templates": templates},
+            info={
+                "v_loss": losses,
+                "v_steps": steps,
+                "templates": templates,
+                "key_form": key_form,
+                "division_factor": divisions,
+            },
         )
