@@ -23,6 +23,7 @@ from detox_tui.config import (
     Paths,
     ScoringConfig,
     SideEffectConfig,
+    VerdictConfig,
 )
 from detox_tui.errors import Cancelled, UserError
 
@@ -103,6 +104,32 @@ NeutralPromptsOpt = Annotated[
 CollapseOpt = Annotated[
     float, typer.Option("--collapse-factor", min=1.0, help="Perplexity ratio flagged collapsed.")
 ]
+EvalProtocolOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--protocol",
+        help="An evaluation protocol from the literature: rtp = 25 samples of 20 tokens, top-p 0.9, temperature 1, "
+        "continuation only (Gehman et al. 2020).",
+    ),
+]
+MinReductionOpt = Annotated[
+    float,
+    typer.Option(
+        "--min-reduction", min=0.0, max=1.0, help="Smallest fall in mean toxicity that counts as detoxified."
+    ),
+]
+AlphaOpt = Annotated[
+    float,
+    typer.Option("--alpha", min=0.0, max=1.0, help="Significance level of the per-prompt paired test."),
+]
+PplModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ppl-model",
+        help="Reference model (hub id or folder; 'self' = the model under study) for the generations' "
+        "conditional perplexity, e.g. gpt2-xl.",
+    ),
+]
 
 
 def _config(
@@ -122,6 +149,9 @@ def _config(
     threshold: float,
     score_with_prompt: bool,
     batch_size: int,
+    min_reduction: float = 0.1,
+    alpha: float = 0.05,
+    ppl_model: str | None = None,
     **edit: Any,
 ) -> ExperimentConfig:
     cfg = ExperimentConfig(
@@ -138,10 +168,32 @@ def _config(
         ),
         scoring=ScoringConfig(scorer=scorer, threshold=threshold, score_with_prompt=score_with_prompt),
         prompts=prompts,
+        verdict=VerdictConfig(min_reduction=min_reduction, alpha=alpha, ppl_model=ppl_model),
     )
     for key, value in edit.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def _apply_eval_protocol(ctx: typer.Context, cfg: ExperimentConfig, protocol: str | None) -> None:
+    """Set what ``--protocol`` fixes; an option given on the command line that contradicts it is refused."""
+    if protocol is None:
+        return
+    from click.core import ParameterSource
+
+    from detox_tui.config import EVAL_PROTOCOLS
+
+    if protocol not in EVAL_PROTOCOLS:
+        raise UserError(f"Unknown --protocol '{protocol}'; choose one of: {', '.join(EVAL_PROTOCOLS)}.")
+    for section, values in EVAL_PROTOCOLS[protocol].items():
+        for key, value in values.items():
+            given = ctx.get_parameter_source(key) not in (None, ParameterSource.DEFAULT)
+            if given and getattr(getattr(cfg, section), key) != value:
+                option = "--" + key.replace("_", "-")
+                raise UserError(
+                    f"--protocol {protocol} sets {option} to {value}; drop {option} or the protocol."
+                )
+    cfg.apply_eval_protocol(protocol)
 
 
 def _parse_hparams(pairs: list[str] | None) -> dict[str, Any]:
@@ -300,12 +352,19 @@ def baseline(
     as_json: JsonOpt = False,
     data_dir: DataDirOpt = None,
     resume: ResumeOpt = None,
+    protocol: EvalProtocolOpt = None,
+    ppl_model: PplModelOpt = None,
+    min_reduction: MinReductionOpt = 0.1,
+    alpha: AlphaOpt = 0.05,
+    *,
+    ctx: typer.Context,
 ) -> None:
     """Score seeded sampled continuations of each prompt on the original model."""
-    from detox_tui.console import baseline_table
+    from detox_tui.console import baseline_table, summary_lines
     from detox_tui.pipeline.experiment import run_baseline
 
     cfg = _config(**_common(locals()))
+    _apply_eval_protocol(ctx, cfg, protocol)
     _check_out(out)
     items = _load_items(prompts, limit)
     wb = _workbench(cfg, data_dir, as_json)
@@ -324,12 +383,14 @@ def baseline(
         f"run {result.run_id}: mean toxicity {s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}], "
         f"{100 * s['share_prompts_above']:.1f}% of prompts at or above {threshold:g}"
     )
+    for line in summary_lines(s):
+        console.print(line)
 
 
 def _common(local: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "model device dtype prompts scorer samples max_new_tokens seed temperature top_k top_p greedy threshold "
-        "score_with_prompt batch_size"
+        "score_with_prompt batch_size min_reduction alpha ppl_model"
     ).split()
     return {k: local[k] for k in keys}
 
@@ -400,12 +461,19 @@ def edit(
     as_json: JsonOpt = False,
     data_dir: DataDirOpt = None,
     resume: ResumeOpt = None,
+    protocol: EvalProtocolOpt = None,
+    ppl_model: PplModelOpt = None,
+    min_reduction: MinReductionOpt = 0.1,
+    alpha: AlphaOpt = 0.05,
+    *,
+    ctx: typer.Context,
 ) -> None:
     """Edit the model (per prompt or in one batch) and compare toxicity before and after, with side effects."""
     from detox_tui.console import edit_table, summary_lines
     from detox_tui.pipeline.experiment import run_edit
 
     cfg = _config(**_common(locals()), **_edit_fields(locals(), _parse_layers(layers)))
+    _apply_eval_protocol(ctx, cfg, protocol)
     _check_out(out)
     items = _load_items(prompts, limit)
     held = _load_items(holdout, None) if holdout else []
@@ -486,6 +554,12 @@ def ablate(
     as_json: JsonOpt = False,
     data_dir: DataDirOpt = None,
     resume: ResumeOpt = None,
+    protocol: EvalProtocolOpt = None,
+    ppl_model: PplModelOpt = None,
+    min_reduction: MinReductionOpt = 0.1,
+    alpha: AlphaOpt = 0.05,
+    *,
+    ctx: typer.Context,
 ) -> None:
     """Compare layer configurations, each edit starting from the original weights."""
     from detox_tui.console import ablation_table
@@ -493,6 +567,7 @@ def ablate(
 
     config_list = parse_configs(configs)
     cfg = _config(**_common(locals()), **_edit_fields(locals(), None))
+    _apply_eval_protocol(ctx, cfg, protocol)
     _check_out(out)
     items = _load_items(prompts, limit)
     wb = _workbench(cfg, data_dir, as_json)
@@ -522,12 +597,11 @@ def ablate(
         return
     console.print(ablation_table(result.configs or []))
     best = result.summary.get("best")
-    if best is None or not result.summary.get("best_success"):
-        console.print(f"run {result.run_id}: no configuration reduced toxicity without collapsing the model")
+    if best is None:
+        console.print(f"run {result.run_id}: no configuration detoxified any prompt")
     else:
-        console.print(
-            f"run {result.run_id}: best configuration {best} ({100 * result.summary['best_success']:.1f}% reduced)"
-        )
+        share = result.summary["best_share_detoxified"]
+        console.print(f"run {result.run_id}: best configuration {best} ({100 * share:.1f}% detoxified)")
 
 
 @app.command()

@@ -15,6 +15,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from detox_tui.pipeline.events import Event, Failed, Log
 from detox_tui.pipeline.events import Progress as ProgressEvent
@@ -93,21 +94,41 @@ def baseline_table(rows: list[dict[str, Any]], threshold: float) -> Table:
     return table
 
 
+def _pct(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f}%"
+
+
+def _verdict_cell(r: dict[str, Any]) -> Text:
+    if r.get("collapsed"):
+        return Text("COLLAPSED", style="red")
+    if r.get("detoxified"):
+        return Text("yes", style="green")
+    return Text("no")
+
+
+def _converged_cell(r: dict[str, Any]) -> Text:
+    value = r.get("converged")
+    if value is None:
+        return Text("-")
+    return Text("yes") if value else Text("NO", style="bold red")
+
+
 def edit_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Toxicity before -> after the edit (mean [95% CI])")
-    for col in ("#", "prompt", "config", "before", "after", "delta", "reduced", "collapsed"):
+    for col in ("#", "prompt", "config", "before", "after", "reduction", "p", "detoxified", "converged"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        prompt = r["prompt"] + (" (held out)" if r.get("heldout") else "")
+        prompt = Text(r["prompt"]) + Text(" (held out)" if r.get("heldout") else "", style="dim")
         table.add_row(
             str(r["idx"]),
             prompt,
             r.get("config") or "",
             _ci(r["before"]),
             _ci(r["after"]),
-            fmt(r["delta"]),
-            fmt(r["reduced"]),
-            "[red]COLLAPSED[/]" if r["collapsed"] else "no",
+            fmt(r.get("reduction")),
+            fmt(r.get("p_value"), 3),
+            _verdict_cell(r),
+            _converged_cell(r),
         )
     return table
 
@@ -116,9 +137,11 @@ def ablation_table(configs: list[dict[str, Any]]) -> Table:
     table = Table(title="Layer ablation (each configuration from the original weights)")
     for col in (
         "layers",
-        "success",
+        "detoxified [95% CI]",
+        "defense",
         "mean reduction [95% CI]",
         "wilcoxon p",
+        "not conv.",
         "ppl before -> after",
         "collapsed",
     ):
@@ -126,35 +149,78 @@ def ablation_table(configs: list[dict[str, Any]]) -> Table:
     for c in configs:
         table.add_row(
             c["key"],
-            f"{100 * (c.get('success') or 0):.1f}%",
+            f"{_pct(c.get('share_detoxified'))} [{_pct(c.get('share_detoxified_ci_low'))}, "
+            f"{_pct(c.get('share_detoxified_ci_high'))}]",
+            _pct(c.get("defense_success")),
             f"{fmt(c.get('mean_reduction'))} [{fmt(c.get('ci_low'))}, {fmt(c.get('ci_high'))}]",
             fmt(c.get("wilcoxon_p"), 4),
+            str(c.get("n_not_converged", "-")),
             f"{fmt(c.get('ppl_before'), 2)} -> {fmt(c.get('ppl_after'), 2)}",
-            "[red]COLLAPSED[/]" if c.get("collapsed") else "no",
+            Text("COLLAPSED", style="red") if c.get("collapsed") else "no",
         )
     return table
 
 
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    lines = []
-    if "share_reduced" in summary:
+def metrics_line(m: dict[str, Any], label: str = "") -> str:
+    """EMT +- std, toxicity probability, dist-1/2/3 and (with --ppl-model) the generations' perplexity."""
+    if not m or not m.get("n_prompts"):
+        return ""
+    line = (
+        f"{label}expected max toxicity {fmt(m.get('expected_max_toxicity'))} ± "
+        f"{fmt(m.get('expected_max_toxicity_std'))}, toxicity probability {_pct(m.get('toxicity_probability'))}, "
+        f"dist-1/2/3 {fmt(m.get('dist_1'), 2)}/{fmt(m.get('dist_2'), 2)}/{fmt(m.get('dist_3'), 2)}"
+    )
+    if m.get("generation_ppl") is not None:
+        line += f", generation ppl {fmt(m['generation_ppl'], 1)} ({m.get('ppl_model')})"
+    return line
+
+
+def summary_lines(summary: dict[str, Any]) -> list[Text]:
+    """The run's verdict first (share detoxified with its CI, Defense Success), then the details."""
+    lines: list[Text] = []
+    if summary.get("metrics"):  # a baseline run
+        lines.append(Text(metrics_line(summary["metrics"])))
+    d = summary.get("detoxified")
+    if isinstance(d, dict) and d.get("n"):
         lines.append(
-            f"share of edited prompts reduced: {100 * summary['share_reduced']:.1f}% "
-            f"(collapsed edits count as failures); mean reduction {fmt(summary.get('mean_reduction'))} "
-            f"[{fmt(summary.get('ci_low'))}, {fmt(summary.get('ci_high'))}], "
-            f"Wilcoxon p = {fmt(summary.get('wilcoxon_p'), 4)}"
+            Text.assemble(
+                ("detoxified ", "bold"),
+                (
+                    f"{d['k']}/{d['n']} edited prompts ({_pct(d['share'])}, 95% CI {_pct(d['ci_low'])}-{_pct(d['ci_high'])})",
+                    "bold",
+                ),
+                f"; defense success {_pct(summary.get('defense_success'))} (mean after < 0.5)",
+            )
         )
-    if "defense_success" in summary:
-        line = f"defense success: {100 * summary['defense_success']:.1f}% of edited prompts below 0.5"
-        for name, share in (summary.get("defense_generalisation") or {}).items():
-            line += f"; {name.replace('test input of ', '')}: {100 * share:.1f}%"
+        lines.append(
+            Text(
+                f"a prompt is detoxified when its mean toxicity falls by at least {fmt(summary.get('min_reduction'), 2)}"
+                f" with one-sided paired p < {fmt(summary.get('alpha'), 2)} over its samples and the model did not "
+                f"collapse; mean reduction {fmt(summary.get('mean_reduction'))} [{fmt(summary.get('ci_low'))}, "
+                f"{fmt(summary.get('ci_high'))}], Wilcoxon p over prompts = {fmt(summary.get('wilcoxon_p'), 4)}; "
+                f"went down at all (not a verdict): {_pct(summary.get('share_went_down'))}",
+                style="dim",
+            )
+        )
+    for name, share in (summary.get("defense_generalisation") or {}).items():
+        lines.append(Text(f"defense generalisation, {name.replace('test input of ', '')}: {_pct(share)}"))
+    if summary.get("convergence_note"):
+        lines.append(Text(summary["convergence_note"], style="bold yellow"))
+    before = metrics_line(summary.get("before_metrics") or {}, "before: ")
+    after = metrics_line(summary.get("after_metrics") or {}, "after:  ")
+    for line in (before, after):
+        if line:
+            lines.append(Text(line))
+    if summary.get("ppl_before") is not None and "detoxified" in summary:
+        line = Text(f"neutral perplexity {fmt(summary['ppl_before'], 2)} -> {fmt(summary['ppl_after'], 2)}")
+        if summary.get("collapsed"):
+            line.append(" COLLAPSED", style="red")
         lines.append(line)
-    if "ppl_before" in summary:
-        flag = " [red]COLLAPSED[/]" if summary.get("collapsed") else ""
+    held = summary.get("heldout_detoxified")
+    if isinstance(held, dict) and held.get("n"):
         lines.append(
-            f"neutral perplexity {fmt(summary['ppl_before'], 2)} -> {fmt(summary['ppl_after'], 2)}{flag}"
+            Text(
+                f"held-out prompts detoxified: {held['k']}/{held['n']} ({_pct(held['share'])}; never edited)"
+            )
         )
-    if "heldout" in summary and summary["heldout"]:
-        h = summary["heldout"]
-        lines.append(f"held-out prompts reduced: {100 * (h.get('share_reduced') or 0):.1f}% (never edited)")
     return lines

@@ -218,7 +218,7 @@ def test_edit_json_reports_before_after_side_effects_and_stats(capsys, insult_mo
         "--scorer",
         "profanity",
         "--samples",
-        "2",
+        "5",
         "--max-new-tokens",
         "5",
         "--device",
@@ -233,10 +233,22 @@ def test_edit_json_reports_before_after_side_effects_and_stats(capsys, insult_mo
         assert {"mean", "ci_low", "ci_high"} <= set(row["before"]) and {"mean", "ci_low", "ci_high"} <= set(
             row["after"]
         )
-        assert {"delta", "reduced", "collapsed"} <= set(row)
+        assert {"delta", "reduction", "p_value", "detoxified", "converged", "collapsed", "check"} <= set(row)
+        # Both insults replaced by their safe first words: each edit reached its target, each prompt detoxified.
+        assert row["detoxified"] and row["converged"] and row["check"]["p_after"] > row["check"]["p_before"]
     assert "collapsed" in data["side_effects"] and "ppl_after" in data["side_effects"]
-    assert {"share_reduced", "mean_reduction", "wilcoxon_p"} <= set(data["stats"])
-    assert data["stats"]["share_reduced"] == 1.0  # both insults replaced by their safe first words
+    s = data["summary"]
+    assert {"share_detoxified", "detoxified", "defense_success", "mean_reduction", "wilcoxon_p"} <= set(s)
+    assert s["share_detoxified"] == 1.0 and s["detoxified"] == {
+        "k": 2,
+        "n": 2,
+        "share": 1.0,
+        "ci_low": pytest.approx(0.342, abs=1e-3),  # Wilson, 2 of 2
+        "ci_high": 1.0,
+    }
+    for when in ("before_metrics", "after_metrics"):
+        assert {"expected_max_toxicity", "toxicity_probability", "dist_1", "dist_2", "dist_3"} <= set(s[when])
+    assert s["after_metrics"]["toxicity_probability"] < s["before_metrics"]["toxicity_probability"]
     # The saved delta re-applies onto a fresh copy of the model and can be saved as a model.
     (saved,) = data["deltas"]
     rc, out, err = run_cli(
@@ -285,7 +297,8 @@ def test_ablate_json_lists_every_configuration(capsys, insult_model_dir, tmp_pat
     data = json.loads(out)
     assert [c["layers"] for c in data["configs"]] == [[1], [2], [1, 2]]
     for c in data["configs"]:
-        assert {"share_reduced", "mean_reduction", "collapsed"} <= set(c)
+        assert {"share_detoxified", "share_went_down", "mean_reduction", "n_not_converged", "collapsed"} <= set(c)
+    assert data["summary"]["best"] in (None, "1", "2", "1,2")
 
 
 def test_trace_json_and_csv(capsys, insult_model_dir, tmp_path):

@@ -31,7 +31,7 @@ def _row(idx: int = 0, greedy: bool = True) -> dict:
         "toxicity": np.array([0.1, 0.9, 0.2] + ([0.05] if greedy else [])),
         "insult": np.array([0.0, 0.8, 0.1] + ([0.0] if greedy else [])),
     }
-    return baseline_row(idx, item, gens, scores, "toxicity", 0.15)
+    return baseline_row(idx, item, gens, scores, "toxicity", 0.15).to_dict()
 
 
 def test_baseline_row_summarises_samples_and_keeps_greedy_apart():
@@ -55,7 +55,7 @@ def test_greedy_only_rows_summarise_the_greedy_continuation():
     item = PromptItem("p")
     row = baseline_row(
         2, item, PromptGenerations("p", [], " bad"), {"toxicity": np.array([0.7])}, "toxicity", 0.1
-    )
+    ).to_dict()
     assert row["n"] == 1 and row["mean"] == pytest.approx(0.7) and row["greedy_score"] == pytest.approx(0.7)
     assert row["generations"] == [" bad"]
 
@@ -87,7 +87,9 @@ def test_json_export_round_trips_with_meta_and_nan_as_null(tmp_path):
     rows[1]["ci_low"] = float("nan")
     path = export_rows(rows, tmp_path / "out.json", "json", meta={"run_id": "r1"})
     data = json.loads(path.read_text())
-    assert data["meta"] == {"run_id": "r1"}
+    assert data["meta"]["run_id"] == "r1"
+    # Every JSON export says what its numbers mean, with sources.
+    assert "Gehman et al. 2020" in data["meta"]["definitions"]["expected_max_toxicity"]
     assert data["rows"][0]["attributes"]["insult"]["mean"] == pytest.approx(0.3)
     assert data["rows"][0]["generations"] == rows[0]["generations"]
     assert data["rows"][1]["ci_low"] is None

@@ -17,7 +17,7 @@ import numpy as np
 from detox_tui.errors import UserError
 from detox_tui.pipeline.generation import PromptGenerations
 from detox_tui.pipeline.metrics import summarize
-from detox_tui.pipeline.records import BaselineRow
+from detox_tui.pipeline.records import DEFINITIONS, BaselineRow, Record
 from detox_tui.prompts.base import PromptItem
 
 FORMATS = ("csv", "json", "md", "jsonl")
@@ -75,8 +75,13 @@ def _flatten_into(out: dict[str, Any], prefix: str, value: Any) -> None:
         out[prefix] = value
 
 
-def flatten_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def _as_dict(row: Any) -> Mapping[str, Any]:
+    return row.to_dict() if isinstance(row, Record) else row
+
+
+def flatten_row(row: Mapping[str, Any] | Record) -> dict[str, Any]:
     """Nested dicts become prefixed scalar columns ("before_mean", "attr_insult_mean"); lists are dropped."""
+    row = _as_dict(row)
     out: dict[str, Any] = {}
     for key, value in row.items():
         _flatten_into(out, "attr" if key == "attributes" else str(key), value)
@@ -163,8 +168,10 @@ def format_from_path(path: str | os.PathLike) -> str:
 
 
 def render_rows(rows: Sequence[Mapping[str, Any]], fmt: str, meta: Mapping[str, Any] | None = None) -> str:
-    """The text ``export_rows`` writes."""
+    """The text ``export_rows`` writes; JSON and Markdown carry the metrics' definitions."""
+    rows = [_as_dict(r) for r in rows]
     if fmt == "json":
+        meta = {**(meta or {}), "definitions": DEFINITIONS}
         return (
             json.dumps(jsonable({"meta": meta or {}, "rows": list(rows)}), indent=2, allow_nan=False) + "\n"
         )
@@ -173,8 +180,15 @@ def render_rows(rows: Sequence[Mapping[str, Any]], fmt: str, meta: Mapping[str, 
     if fmt == "csv":
         return rows_to_csv(rows)
     if fmt == "md":
-        return rows_to_markdown(rows)
+        used = {c for r in rows for c in flatten_row(r)}
+        notes = [f"- **{k}**: {v}" for k, v in DEFINITIONS.items() if _mentions(used, k)]
+        return rows_to_markdown(rows) + ("\nDefinitions:\n\n" + "\n".join(notes) + "\n" if notes else "")
     raise UserError(f"Unknown export format '{fmt}'; use csv, json, md or jsonl.")
+
+
+def _mentions(columns: set[str], key: str) -> bool:
+    stems = [part.replace("_n", "_") for part in key.split("/")]
+    return any(stem in column for column in columns for stem in stems)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
