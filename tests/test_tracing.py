@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from detox_tui.backends.tracing import TraceResult, peak_layers, trace, window_layers
+from detox_tui.backends.tracing import TraceResult, noise_level, peak_layers, trace, window_layers
 from detox_tui.errors import Cancelled, UserError
 from detox_tui.pipeline.events import Progress
 
@@ -95,9 +95,11 @@ def test_to_dict_is_json_and_peak_layers_pick_the_strongest(tiny_lm):
         "p_corrupted",
         "kind",
         "window",
+        "noise",
     }
     assert len(data["scores"]) == tiny_lm.n_layers and len(data["scores"][0]) == len(data["tokens"])
     assert data["continuation"] == " stupid"
+    assert data["noise"] == result.noise > 0
 
     scores = np.zeros((5, 3))
     scores[3, 1], scores[1, 2], scores[4, 0] = 0.9, 0.5, -0.7
@@ -126,3 +128,144 @@ def test_bad_arguments_are_user_errors(tiny_lm):
         trace(tiny_lm, PROMPT, " stupid", subject="village")
     with pytest.raises(UserError, match="continuation"):
         trace(tiny_lm, PROMPT, "")
+
+
+# --- Noise level and restoration window, checked against a re-implementation written here -----------------
+# The tiny model is GPT-2: transformer.wte is the token embedding, transformer.drop (identity in eval) sees
+# token + position embeddings, i.e. the corrupted input of the first block.
+
+SUBJECT = "that town"
+
+
+def _ids(lm, text: str) -> list[int]:
+    return list(lm.tokenizer(text)["input_ids"])
+
+
+def _subject_token_ids(lm) -> tuple[list[int], list[int]]:
+    """The subject's token ids as they are in PROMPT, and their positions."""
+    before, through, full = _ids(lm, "People from"), _ids(lm, "People from that town"), _ids(lm, PROMPT)
+    assert full[: len(through)] == through and through[: len(before)] == before
+    return through[len(before) :], list(range(len(before), len(through)))
+
+
+def _embedding_std(lm, ids: list[int]) -> float:
+    return float(lm.model.transformer.wte.weight.detach()[ids].double().std())
+
+
+class _FirstBlockInputs:
+    """Records the input of the first block (embeddings + positions) of every forward pass."""
+
+    def __init__(self, lm):
+        self.lm, self.seen = lm, []
+
+    def __enter__(self):
+        def hook(_m, _i, out):
+            self.seen.append(out.detach().clone())
+
+        self.handle = self.lm.model.transformer.drop.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_noise_is_three_times_the_std_of_the_subject_token_embeddings(tiny_lm):
+    lm = tiny_lm
+    ids, positions = _subject_token_ids(lm)
+    samples = 12
+    with _FirstBlockInputs(lm) as rec:
+        result = trace(lm, PROMPT, " stupid", subject=SUBJECT, samples=samples, seed=3)
+    expected = 3 * _embedding_std(lm, ids)
+    assert result.noise == pytest.approx(expected, rel=1e-6)
+    assert result.to_dict()["noise"] == pytest.approx(expected, rel=1e-6)
+    # The model really saw that much noise: the first corrupted pass (the no-restoration baseline, one row
+    # per sample) minus the clean pass is zero off the subject and N(0, noise^2) on it.
+    clean = rec.seen[0]
+    corrupted = next(x for x in rec.seen if x.shape[0] == samples)
+    diff = (corrupted - clean).double()
+    others = [i for i in range(clean.shape[1]) if i not in positions]
+    assert float(diff[:, others].abs().max()) == 0.0
+    on_subject = diff[:, positions]
+    assert float(on_subject.pow(2).mean().sqrt()) == pytest.approx(expected, rel=0.1)
+
+    # No subject: the prompt's own tokens; a list of texts: theirs; an explicit level: that one.
+    whole = trace(lm, PROMPT, " stupid", samples=2)
+    assert whole.noise == pytest.approx(3 * _embedding_std(lm, _ids(lm, PROMPT)), rel=1e-6)
+    texts = ["that town", "my coworker", "the other team"]
+    corpus_ids = [i for t in texts for i in _ids(lm, t)]
+    from_texts = trace(lm, PROMPT, " stupid", subject=SUBJECT, samples=2, noise_texts=texts)
+    assert from_texts.noise == pytest.approx(3 * _embedding_std(lm, corpus_ids), rel=1e-6)
+    assert noise_level(lm, texts) == pytest.approx(from_texts.noise, rel=1e-12)
+    with _FirstBlockInputs(lm) as rec:
+        fixed = trace(lm, PROMPT, " stupid", subject=SUBJECT, samples=samples, noise=0.5)
+    assert fixed.noise == 0.5
+    diff = (next(x for x in rec.seen if x.shape[0] == samples) - rec.seen[0]).double()[:, positions]
+    assert float(diff.pow(2).mean().sqrt()) == pytest.approx(0.5, rel=0.1)
+    with pytest.raises(UserError, match="noise"):
+        trace(lm, PROMPT, " stupid", noise=-1.0)
+
+
+def _continuation_probs(logits: torch.Tensor, n_prompt: int, cont: list[int]) -> torch.Tensor:
+    logp = logits.double().log_softmax(-1)
+    return torch.stack([logp[:, n_prompt - 1 + j, c] for j, c in enumerate(cont)], dim=-1).sum(-1).exp()
+
+
+@pytest.mark.parametrize("kind, module", [("mlp", "mlp"), ("attn", "attn")])
+def test_window_restores_that_many_layers_around_each_cell(tiny_lm, kind, module):
+    """Each mlp/attn cell = p with the clean outputs of `window` layers centred on it restored at its token."""
+    lm = tiny_lm
+    lm.model.double()  # exact comparison with the re-implementation below
+    samples, window = 3, 3
+    with _FirstBlockInputs(lm) as rec:
+        result = trace(lm, PROMPT, " stupid", subject=SUBJECT, kind=kind, window=window, samples=samples)
+    corrupted = next(x for x in rec.seen if x.shape[0] == samples)
+    prompt_ids, cont = _ids(lm, PROMPT), lm.tokenizer(" stupid", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + cont]).expand(samples, -1)
+    blocks = lm.model.transformer.h
+    n = len(blocks)
+
+    clean_out = {}
+    handles = [
+        getattr(blocks[i], module).register_forward_hook(
+            lambda _m, _i, out, i=i: clean_out.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0])
+        )
+        for i in range(n)
+    ]
+    with torch.no_grad():
+        lm.model(input_ids=ids[:1])
+    for h in handles:
+        h.remove()
+
+    def p_restoring(layers: list[int], token: int | None) -> float:
+        def restore(i):
+            def hook(_m, _i, out):
+                h = out[0] if isinstance(out, tuple) else out
+                h = h.clone()
+                h[:, token] = clean_out[i][token]
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            return hook
+
+        hs = [lm.model.transformer.drop.register_forward_hook(lambda _m, _i, _o: corrupted)]
+        hs += [getattr(blocks[i], module).register_forward_hook(restore(i)) for i in layers]
+        try:
+            with torch.no_grad():
+                logits = lm.model(input_ids=ids).logits
+        finally:
+            for h in hs:
+                h.remove()
+        return float(_continuation_probs(logits, len(prompt_ids), cont).mean())
+
+    p_corrupted = p_restoring([], None)
+    assert result.p_corrupted == pytest.approx(p_corrupted, rel=1e-9)
+    assert result.window == window
+    widened = 0
+    for layer in range(n):
+        lo = layer - window // 2
+        restored = [i for i in range(lo, lo + window) if 0 <= i < n]
+        for t in range(len(prompt_ids)):
+            expected = p_restoring(restored, t) - p_corrupted
+            assert result.scores[layer, t] == pytest.approx(expected, rel=1e-7, abs=1e-13)
+            centre_only = p_restoring([layer], t) - p_corrupted
+            widened += abs(centre_only - expected) > 1e-6 * abs(expected) + 1e-12
+    assert widened > 0  # the window made a visible difference on some cells

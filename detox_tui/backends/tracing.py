@@ -26,7 +26,8 @@ class TraceResult:
 
     ``scores[l, t] = p_restored - p_corrupted`` where p is the probability of the whole continuation
     (product over its teacher-forced tokens). ``window`` is the number of layers restored per cell
-    (always 1 for ``hidden``).
+    (always 1 for ``hidden``). ``noise`` is the standard deviation of the Gaussian noise that was added
+    to the corrupted token embeddings (by default 3 x the std of the subject tokens' embeddings).
     """
 
     tokens: list[str]
@@ -37,6 +38,7 @@ class TraceResult:
     continuation: str
     kind: str
     window: int
+    noise: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class TraceResult:
             "p_corrupted": float(self.p_corrupted),
             "kind": self.kind,
             "window": int(self.window),
+            "noise": float(self.noise),
         }
 
 
@@ -95,6 +98,29 @@ def _subject_positions(lm: Any, prompt: str, ids: list[int], subject: str | None
     return positions
 
 
+def embedding_std(lm: Any, token_ids: Sequence[int]) -> float:
+    """Standard deviation of the embedding layer's output over ``token_ids`` (all their elements)."""
+    if not token_ids:
+        raise UserError("Cannot estimate the tracing noise from no tokens at all.")
+    embed = lm.module(lm.spec.embed)
+    with torch.no_grad():
+        out = _first(embed(torch.tensor([list(token_ids)], device=lm.device)))
+    return float(out.detach().to(torch.float64).std())
+
+
+def noise_level(lm: Any, texts: Sequence[str], scale: float = 3.0) -> float:
+    """``scale`` x the std of the token embeddings of ``texts``, each tokenised alone without special tokens.
+
+    The reference estimate (kmeng01/rome experiments/causal_trace.py, collect_embedding_std, default
+    noise "s3"): the std of the embeddings of the subject tokens over a corpus of subjects, times 3.
+    Pass the subjects of all the prompts being traced to use one noise level for all of them.
+    """
+    ids = [i for text in texts if text for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise UserError("The texts to estimate the tracing noise from tokenise to nothing.")
+    return scale * embedding_std(lm, ids)
+
+
 def _replace_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to a module's hidden-state output, whether it is a tensor or a tuple's first item."""
     if isinstance(output, tuple):
@@ -135,6 +161,8 @@ def trace(
     samples: int = 10,
     noise_scale: float = 3.0,
     subject: str | None = None,
+    noise: float | None = None,
+    noise_texts: Sequence[str] | None = None,
     seed: int = 0,
     batch_size: int = 64,
     emit: EventCallback = null_callback,
@@ -142,9 +170,13 @@ def trace(
 ) -> TraceResult:
     """Trace which (token, layer) states carry the prediction of ``continuation`` after ``prompt``.
 
-    The subject's token embeddings (default: the whole prompt) are corrupted with Gaussian noise of
-    ``noise_scale`` x the embedding matrix's std, ``samples`` seeded draws; the same draws are used for
-    every restoration. For each prompt token and layer, the clean block output (``hidden``) or the
+    The subject's token embeddings (default: the whole prompt) are corrupted with Gaussian noise of std
+    ``noise``, ``samples`` seeded draws; the same draws are used for every restoration. By default
+    ``noise`` = ``noise_scale`` (3) x the std of the embeddings of the corrupted tokens themselves (the
+    subject's, or the prompt's), as the reference estimates it from subject tokens; with
+    ``noise_texts`` the std comes from those texts' tokens instead (e.g. the subjects of every prompt
+    being traced, so that they share one level: see ``noise_level``). The level used is recorded in
+    the result. For each prompt token and layer, the clean block output (``hidden``) or the
     clean MLP / attention output over ``window`` layers centred on that layer (``mlp`` / ``attn``) is
     restored, and the change in p(continuation) is recorded. p(continuation) is the product of the
     teacher-forced probabilities of all its tokens. ``batch_size`` is the number of sequences per
@@ -174,10 +206,18 @@ def trace(
     seq = ids.shape[1]
 
     embed = lm.module(spec.embed)
-    emb_std = float(embed.weight.detach().float().std())
+    if noise is not None:
+        if not noise >= 0:
+            raise UserError(f"The tracing noise must be a standard deviation of 0 or more, not {noise}.")
+        level = float(noise)
+    elif noise_texts is not None:
+        level = noise_level(lm, noise_texts, noise_scale)
+    else:  # the corrupted tokens' own embeddings: the subject's, or the prompt's
+        std = embedding_std(lm, [prompt_ids[i] for i in corrupt_pos])
+        level = noise_scale * std
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = torch.randn(samples, len(corrupt_pos), lm.d_model, generator=gen) * (noise_scale * emb_std)
-    noise = noise.to(device=device, dtype=lm.dtype)
+    noise_draws = torch.randn(samples, len(corrupt_pos), lm.d_model, generator=gen) * level
+    noise_draws = noise_draws.to(device=device, dtype=lm.dtype)
     pos_index = torch.tensor(corrupt_pos, device=device)
 
     if kind == "hidden":
@@ -241,7 +281,7 @@ def trace(
 
         with _hooks([embed, *modules], [corrupt_hook, *[restorer(layer) for layer in range(n_layers)]]):
             # Corrupted baseline (no restoration).
-            rows_noise[:] = [noise]
+            rows_noise[:] = [noise_draws]
             p_corrupted = float(
                 _continuation_prob(
                     model(input_ids=ids.expand(samples, seq)).logits, n_prompt, cont_ids
@@ -260,7 +300,7 @@ def trace(
                     for restored in restore_sets[layer]:
                         layer_masks[restored][j * samples : (j + 1) * samples, t] = True
                 masks[:] = [m if bool(m.any()) else None for m in layer_masks]
-                rows_noise[:] = [noise.repeat(len(chunk), 1, 1)]
+                rows_noise[:] = [noise_draws.repeat(len(chunk), 1, 1)]
                 probs = _continuation_prob(model(input_ids=ids.expand(rows, seq)).logits, n_prompt, cont_ids)
                 probs = probs.view(len(chunk), samples).mean(dim=1).cpu().numpy()
                 for (layer, t), p in zip(chunk, probs, strict=True):
@@ -270,10 +310,11 @@ def trace(
 
     tokens = [tok.decode([i]) for i in prompt_ids]
     log.info(
-        "traced %d layers x %d tokens (%s): p_clean %.4g, p_corrupted %.4g",
+        "traced %d layers x %d tokens (%s): noise %.4g, p_clean %.4g, p_corrupted %.4g",
         n_layers,
         n_prompt,
         kind,
+        level,
         p_clean,
         p_corrupted,
     )
@@ -286,4 +327,5 @@ def trace(
         continuation=continuation,
         kind=kind,
         window=used_window,
+        noise=level,
     )
