@@ -100,6 +100,22 @@ MUTATIONS: list[Mutation | dict] = [
         tests=[AURA_WIRED, DINM_KL],
         why="EditDelta.apply adds nothing: every edit of every method is a no-op",
     ),
+    Mutation(
+        name="trace-noise-10x-smaller",
+        path="detox_tui/backends/tracing.py",
+        old="noise_draws = torch.randn(samples, len(corrupt_pos), lm.d_model, generator=gen) * level",
+        new="noise_draws = torch.randn(samples, len(corrupt_pos), lm.d_model, generator=gen) * (level / 10)",
+        tests=["tests/test_tracing.py::test_noise_is_three_times_the_std_of_the_subject_token_embeddings"],
+        why="the corruption is 0.3 x (not 3 x) the subject tokens' embedding std; the recorded level is unchanged",
+    ),
+    Mutation(
+        name="trace-window-ignored",
+        path="detox_tui/backends/tracing.py",
+        old='(window_layers(layer, window, n_layers) if kind != "hidden" else [layer])',
+        new="([layer])",
+        tests=["tests/test_tracing.py::test_window_restores_that_many_layers_around_each_cell"],
+        why="mlp/attn tracing restores only the centre layer of each cell instead of `window` layers",
+    ),
 ]
 
 
