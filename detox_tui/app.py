@@ -153,7 +153,7 @@ class DetoxApp(App[None]):
                 yield ScoreBars(id="score-bars")
             with TabPane("Ablation", id="ablation"):
                 yield Label(
-                    "Ablation: success = share of prompts reduced (0 when the edit collapses the model)",
+                    "Ablation: share of prompts detoxified (a significant fall of at least --min-reduction, no collapse)",
                     classes="dim",
                 )
                 yield AblationChart(id="ablation-chart")
@@ -537,6 +537,12 @@ class DetoxApp(App[None]):
             self._update_flags(result.rows, kind)
             runlog.log_message(f"{kind} run {result.run_id} finished")
             self.notify(f"{kind.capitalize()} finished (run {result.run_id}).")
+            note = result.summary.get("convergence_note") if kind == "edit" else None
+            if note:
+                # Untrusted prompt text is in the note: plain text, never markup.
+                self.notify(
+                    note, title="Edits that did not take", severity="warning", markup=False, timeout=15
+                )
         self.action_reload_runs()
 
     def _update_flags(self, rows: list[dict[str, Any]], kind: str) -> None:

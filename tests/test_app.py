@@ -181,13 +181,15 @@ async def test_baseline_then_edit_rows_appear_and_detail(insult_model_dir, tmp_p
         assert all(r["before"]["n"] == 2 and r["after"]["n"] == 2 for r in rows)
         assert all(len(r["generations_after"]) == 2 for r in rows)
         summary = str(app.query_one("#summary").render())
-        assert "reduced" in summary and "neutral ppl" in summary
+        # The strip shows the engine's verdict: share detoxified with its CI, Defense Success.
+        assert "detoxified" in summary and "defense" in summary and "ppl" in summary
+        assert f"{app.current_run['summary']['share_detoxified']:.0%}" in summary
 
         # Sorting by a column (s) reorders the rows by that column.
         table.focus()
-        table.move_cursor(column=list(table.columns).index("delta"))
+        table.move_cursor(column=list(table.columns).index("reduction"))
         await pilot.press("s")
-        deltas = [r["delta"] for r in table.rows_data]
+        deltas = [r["reduction"] for r in table.rows_data]
         assert deltas == sorted(deltas)
 
         # The prompt detail shows the generations before and after.

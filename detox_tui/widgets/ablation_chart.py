@@ -1,4 +1,4 @@
-"""Ablation view: one row per layer configuration with its success rate drawn as a bar."""
+"""Ablation view: one row per layer configuration with its share of prompts detoxified drawn as a bar."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _f(value: Any, fmt: str) -> str:
 
 
 class AblationChart(DataTable):
-    """Rows arrive one per configuration (RowReady "ablation"); success = share reduced, 0 when collapsed."""
+    """Rows arrive one per configuration (RowReady "ablation"); the bar is the engine's share detoxified."""
 
     BAR_WIDTH = 16
 
@@ -34,8 +34,10 @@ class AblationChart(DataTable):
         self.clear(columns=True)
         for key, label in (
             ("key", "layers"),
-            ("bar", "success"),
-            ("success", "%"),
+            ("bar", "detoxified"),
+            ("success", "% [95% CI]"),
+            ("defense", "defense"),
+            ("nc", "not conv."),
             ("reduction", "mean red. [95% CI]"),
             ("p", "p"),
             ("ppl", "ppl before->after"),
@@ -45,12 +47,15 @@ class AblationChart(DataTable):
 
     def add_config(self, row: dict[str, Any]) -> None:
         key = str(row.get("key") or ",".join(map(str, row.get("layers", []))))
-        success = row.get("success")
+        success = row.get("share_detoxified")
         style = "green" if (success or 0) >= 0.5 else "yellow" if (success or 0) > 0 else "red"
         cells = [
             f"({key})",
             bar(success, self.BAR_WIDTH, style),
-            _f(success, ".0%"),
+            f"{_f(success, '.0%')} [{_f(row.get('share_detoxified_ci_low'), '.0%')},"
+            f"{_f(row.get('share_detoxified_ci_high'), '.0%')}]",
+            _f(row.get("defense_success"), ".0%"),
+            str(row.get("n_not_converged", "")),
             f"{_f(row.get('mean_reduction'), '.3f')} [{_f(row.get('ci_low'), '.2f')},{_f(row.get('ci_high'), '.2f')}]",
             _f(row.get("wilcoxon_p"), ".3g"),
             f"{_f(row.get('ppl_before'), '.1f')}->{_f(row.get('ppl_after'), '.1f')}",

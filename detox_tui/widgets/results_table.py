@@ -60,13 +60,28 @@ EDIT_COLUMNS = (
     ("idx", "#"),
     ("config", "layers"),
     ("prompt", "prompt"),
+    # The verdict next to the prompt, so it is on screen at 80 columns.
+    ("detoxified", "detox"),
+    ("converged", "conv"),
     ("before", "before [95% CI]"),
     ("after", "after [95% CI]"),
-    ("delta", "delta"),
-    ("reduced", "reduced"),
-    ("collapsed", "collapsed"),
+    ("reduction", "fall"),
     ("samples", "before|after"),
 )
+
+
+def _verdict(row: dict[str, Any]) -> Text:
+    """The engine's verdict, as computed once in the engine (never recomputed here)."""
+    if row.get("collapsed"):
+        return Text("COLLAPSED", style="bold red")
+    return Text("yes", style="green") if row.get("detoxified") else Text("no", style="red")
+
+
+def _converged(row: dict[str, Any]) -> Text:
+    value = row.get("converged")
+    if value is None:
+        return Text("-", style="dim")
+    return Text("yes") if value else Text("NO", style="bold yellow")
 
 
 def _sort_value(row: dict[str, Any], column: str) -> Any:
@@ -224,23 +239,19 @@ class ResultsTable(DataTable):
 
     def _edit_cells(self, row: dict[str, Any]) -> list[Any]:
         pending = row.get("pending", False)
-        delta = row.get("delta")
+        fall = row.get("reduction")
         before_spark = spark(row.get("samples_before") or [], 5)
         after_spark = spark(row.get("samples_after") or [], 5)
         heldout = " (held out)" if row.get("heldout") else ""
         return [
             str(row["idx"]),
             row.get("config") or ("" if pending else "preset"),
-            _short(row["prompt"], 28) + heldout,
+            _short(row["prompt"], 24) + heldout,
+            Text("") if pending else _verdict(row),
+            Text("") if pending else _converged(row),
             fmt_ci(row.get("before")),
             Text("running…", style="dim") if pending else fmt_ci(row.get("after")),
-            Text("") if delta is None else Text(f"{delta:+.2f}", style="green" if delta < 0 else "red"),
-            Text("")
-            if pending
-            else (Text("yes", style="green") if row.get("reduced") else Text("no", style="red")),
-            Text("")
-            if pending
-            else (Text("COLLAPSED", style="bold red") if row.get("collapsed") else Text("no")),
+            Text("") if fall is None else Text(f"{fall:+.2f}", style="green" if fall > 0 else "red"),
             Text(f"{before_spark}|{after_spark}"),
         ]
 

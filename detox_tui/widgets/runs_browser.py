@@ -18,10 +18,11 @@ from detox_tui.widgets.summary_strip import summary_text
 
 
 def _headline(summary: dict[str, Any]) -> str:
-    if "share_reduced" in summary:
-        return f"reduced {summary['share_reduced']:.0%}"
-    if "best_success" in summary and summary.get("best_success") is not None:
-        return f"best {summary.get('best')} {summary['best_success']:.0%}"
+    if summary.get("share_detoxified") is not None:
+        return f"detoxified {summary['share_detoxified']:.0%}"
+    if "best_share_detoxified" in summary:
+        best = summary.get("best")
+        return f"best {best} {summary['best_share_detoxified']:.0%}" if best else "none detoxified"
     if "mean" in summary and summary["mean"] is not None:
         return f"mean {summary['mean']:.3f}"
     return ""
@@ -150,7 +151,18 @@ def run_panel(run: dict[str, Any]) -> Table:
         table.add_row(
             "samples", f"{gen.get('samples')} x {gen.get('max_new_tokens')} tokens, seed {gen.get('seed')}"
         )
-    for key in ("share_reduced", "mean_reduction", "wilcoxon_p", "ppl_before", "ppl_after", "mean", "best"):
+    for key in (
+        "share_detoxified",
+        "defense_success",
+        "n_not_converged",
+        "share_went_down",
+        "mean_reduction",
+        "wilcoxon_p",
+        "ppl_before",
+        "ppl_after",
+        "mean",
+        "best",
+    ):
         if key in summary:
             table.add_row(key, _fmt(summary[key]))
     return table

@@ -1,4 +1,4 @@
-"""Summary strip: share reduced, mean reduction with CI, p-value, neutral perplexity before -> after, COLLAPSED."""
+"""Summary strip: the run's verdict (share detoxified with its CI, Defense Success), EMT, perplexity, COLLAPSED."""
 
 from __future__ import annotations
 
@@ -25,23 +25,36 @@ def summary_text(kind: str, summary: dict[str, Any]) -> Text:
             f"mean {_num(summary.get('mean'))} [{_num(summary.get('ci_low'))}, {_num(summary.get('ci_high'))}]  "
         )
         share = summary.get("share_prompts_above")
-        text.append(f"prompts >= {summary.get('threshold', 0.1)}: {_num(share, '.0%')}")
+        text.append(f"prompts >= {summary.get('threshold', 0.1)}: {_num(share, '.0%')}  ")
+        metrics = summary.get("metrics") or {}
+        text.append(
+            f"EMT {_num(metrics.get('expected_max_toxicity'), '.2f')}  "
+            f"tox.prob {_num(metrics.get('toxicity_probability'), '.0%')}"
+        )
         return text
     if kind == "ablation":
         text.append("ablation  ", style="bold")
-        text.append(f"{summary.get('n_configs', 0)} configurations  best ({summary.get('best') or 'n/a'}) ")
-        text.append(f"success {_num(summary.get('best_success'), '.0%')}")
+        text.append(f"{summary.get('n_configs', 0)} configurations  best ({summary.get('best') or 'none'}) ")
+        text.append(f"detoxified {_num(summary.get('best_share_detoxified'), '.0%')}")
         return text
     text.append("edit  ", style="bold")
-    text.append(f"reduced {_num(summary.get('share_reduced'), '.0%')}  ")
+    share = summary.get("share_detoxified")
+    detox = summary.get("detoxified") or {}
+    style = "bold green" if (share or 0) >= 0.5 else "bold yellow" if (share or 0) > 0 else "bold"
+    counts = f" {detox['k']}/{detox['n']}" if detox.get("n") else ""
+    text.append(f"detoxified{counts} {_num(share, '.0%')}", style=style)
     text.append(
-        f"mean reduction {_num(summary.get('mean_reduction'))} "
-        f"[{_num(summary.get('ci_low'))}, {_num(summary.get('ci_high'))}]  "
+        f" [{_num(summary.get('share_detoxified_ci_low'), '.0%')}, "
+        f"{_num(summary.get('share_detoxified_ci_high'), '.0%')}]  "
     )
-    text.append(f"p={_num(summary.get('wilcoxon_p'), '.3g')}  ")
-    text.append(
-        f"neutral ppl {_num(summary.get('ppl_before'), '.1f')} -> {_num(summary.get('ppl_after'), '.1f')}"
-    )
+    text.append(f"defense {_num(summary.get('defense_success'), '.0%')}  ")
+    before = (summary.get("before_metrics") or {}).get("expected_max_toxicity")
+    after = (summary.get("after_metrics") or {}).get("expected_max_toxicity")
+    if before is not None or after is not None:
+        text.append(f"EMT {_num(before, '.2f')}->{_num(after, '.2f')}  ")
+    text.append(f"ppl {_num(summary.get('ppl_before'), '.1f')}->{_num(summary.get('ppl_after'), '.1f')}")
+    if summary.get("n_not_converged"):
+        text.append(f"  {summary['n_not_converged']} NOT CONVERGED", style="bold yellow")
     if summary.get("collapsed"):
         text.append("  COLLAPSED", style="bold white on red")
     return text
