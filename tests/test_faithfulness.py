@@ -141,6 +141,44 @@ def test_rome_key_form_is_its_papers_rank_one_update(tiny_lm, monkeypatch, form)
             assert torch.allclose(c_proj_output(lm, PROMPT, position), v_star, atol=1e-4)
 
 
+def test_rome_requests_are_applied_one_after_another(tiny_lm, monkeypatch):
+    """Like kmeng01/rome's apply_rome_to_model: each request's update is computed on the edited model."""
+    lm = tiny_lm
+    gen = torch.Generator().manual_seed(1)
+    cov = torch.eye(lm.d_mlp, dtype=torch.float64) + 0.01 * torch.ones(
+        lm.d_mlp, lm.d_mlp, dtype=torch.float64
+    )
+    prompts = [(PROMPT, SUBJECT), ("My new coworker is such a", "coworker")]
+    v_stars = [torch.randn(lm.d_model, generator=gen).double() * 0.1 for _ in prompts]
+    calls = iter(v_stars)
+
+    def fixed_targets(lm_, requests, edit_path, templates, hparams, **_kw):
+        v = next(calls)
+        return TargetResult(delta=torch.zeros(1, lm.d_model), init=v.float()[None], losses=[0.0], steps=[0])
+
+    monkeypatch.setattr(rome_module, "compute_targets", fixed_targets)
+    requests = [EditRequest(p, " kind", subject=s) for p, s in prompts]
+    ctx = EditContext(covariance=lambda lm_, layers: {LAYER: cov})
+    hp = {"layer": LAYER, "n_templates": 2, "key_form": "consistent"}
+    delta = RomeEditor().compute(lm, requests, hp, ctx)
+
+    templates = delta.info["templates"]
+    module = lm.model.get_submodule(C_PROJ)
+    w, b = module.weight.detach().double().T.clone(), module.bias.detach().double()
+    total = torch.zeros_like(w)
+    for (prompt, subject), v_star in zip(prompts, v_stars):
+        keys = torch.stack(
+            [
+                c_proj_input(lm, t.replace("{}", prompt), subject_last_index(lm, t, prompt, subject))
+                for t in templates
+            ]
+        )  # the layer's own keys do not depend on its out-projection
+        k_avg = keys.mean(dim=0)
+        total += rome_expected(w + total, b, cov, k_avg, k_avg, v_star.float().double())
+    got = delta.deltas[f"{C_PROJ}.weight"].double().T
+    assert torch.allclose(got, total, rtol=1e-4, atol=1e-5 * float(total.abs().max()))
+
+
 def test_rome_key_form_is_in_every_preset_and_validated(tiny_lm):
     assert set(CHOICES["key_form"]) == {"reference", "consistent"}
     for family in ("gpt2", "gpt_neox", "gptj", "llama"):

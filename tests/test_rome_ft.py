@@ -48,7 +48,8 @@ def one_request(lm) -> EditRequest:
     return EditRequest(prompt, lm.tokenizer.decode([first_token(lm, safe)]))
 
 
-def test_rome_makes_the_safe_target_greedy_on_one_layer(insult_lm):
+@pytest.mark.parametrize("key_form", ["consistent", "reference"])
+def test_rome_makes_the_safe_target_greedy_on_one_layer(insult_lm, key_form):
     lm = insult_lm
     request = one_request(lm)
     wanted = first_token(lm, request.target)
@@ -58,7 +59,8 @@ def test_rome_makes_the_safe_target_greedy_on_one_layer(insult_lm):
     ctx = EditContext(covariance=lambda lm, layers: covariance(lm, layers, texts=neutral_lines()))
     # Tiny model: clamp 4 (ROME's GPT-2 XL value); its residual norms are too small for 3 to flip a
     # memorised continuation.
-    delta = RomeEditor().compute(lm, [request], {"layer": 1, "clamp_norm_factor": 4.0, "n_templates": 2}, ctx)
+    hp = {"layer": 1, "clamp_norm_factor": 4.0, "n_templates": 2, "key_form": key_form}
+    delta = RomeEditor().compute(lm, [request], hp, ctx)
     assert weights_fingerprint(lm.model) == fingerprint
     assert delta.layers == [1] and list(delta.deltas) == ["transformer.h.1.mlp.c_proj.weight"]
     # Rank one: a single non-zero singular value.
