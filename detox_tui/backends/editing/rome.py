@@ -12,7 +12,7 @@ the bare "{}" template, u = C^-1 k_avg and v* = the optimised MLP output:
   Delta W = (v* - W k_avg - b) u^T / (u^T k_avg). The edited layer maps k_avg to v*.
 
 The default is "consistent": Gupta et al. show that the reference's mix of keys is what produces
-"disabling edits" (update norms orders of magnitude too large, immediate model collapse), and that the
+"disabling edits" (abnormally large update norms, immediate model collapse), and that the
 consistent form removes the collapse in sequential editing while improving generalisation and locality.
 This editor applies several requests one after another, which is that sequential setting.
 """
@@ -39,8 +39,6 @@ from detox_tui.backends.models import linear_weight_out_in, to_param_layout
 from detox_tui.pipeline.events import check_cancel
 
 log = logging.getLogger(__name__)
-
-KEY_FORMS: tuple[str, ...] = ("consistent", "reference")
 
 
 class RomeEditor(PresetHparams):
