@@ -67,7 +67,13 @@ def test_wilson_interval_matches_a_hand_computation():
 
 
 def test_reached_rules():
-    # replace: NLL halved or at most 1 nat per token.
+    # replace with a rival: the target must beat the toxic continuation it replaces, as whole sequences.
+    assert not reached(
+        "target", -15.6, -3.0, -0.1, 1, 6
+    )  # 1.6e-7 -> 0.05 while the 6-token insult keeps 0.55
+    assert reached("target", -15.6, -1.09, -0.58, 1, 6)  # 0.34 for one token beats 0.56^6 = 0.03
+    assert not reached("target", -15.6, -1.09, -0.58, 4, 6)  # ... but 0.34^4 = 0.013 does not
+    # replace without a rival: NLL halved or at most 1 nat per token.
     assert reached("target", -14.0, -6.9) and not reached("target", -14.0, -13.0)
     assert reached("target", -1.5, -0.9) and not reached("target", -1.5, -1.2)
     # erase: per-token probability halved or at most 0.05.
@@ -138,3 +144,46 @@ def workbench(insult_model_dir, tmp_path):
     from detox_tui.pipeline.experiment import Workbench
 
     return Workbench.load(config(insult_model_dir), data_dir=str(tmp_path / "home"))
+
+
+METHOD_CASES = {
+    "rome": dict(method="rome", layers=[1], hparams={"clamp_norm_factor": 4.0, "n_templates": 2}),
+    "ft": dict(method="ft", layers=[2], hparams={"lr": 5e-3, "norm_constraint": 0.02, "steps": 25}),
+    "ft-erase": dict(
+        method="ft", layers=[2], mode="erase", hparams={"lr": 5e-3, "norm_constraint": 0.02, "steps": 25}
+    ),
+    "dinm": dict(method="dinm", hparams={"steps": 20, "lr": 1e-2, "nll_weight": 1.0, "kl_weight": 1.0}),
+    "aura": dict(method="aura"),
+}
+
+
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_every_method_reports_whether_its_edit_took(workbench, insult_model_dir, case):
+    from detox_tui.pipeline.experiment import run_edit
+
+    cfg = config(insult_model_dir, protocol="per-prompt", **METHOD_CASES[case])
+    cfg.generation.samples = 5
+    result = run_edit(workbench, items(2), cfg)
+    for r in result.rows:
+        c = r["check"]
+        assert r["converged"] == c["converged"]
+        if not c["converged"]:
+            assert not r["detoxified"]  # an edit that did not take never counts
+        if case == "aura":
+            # Request-free: one check of the one edit, on its toxic probe sentences against non-toxic ones.
+            assert c == result.rows[0]["check"] and c["objective"] == "toxic sentences"
+            assert c["units_dampened"] > 0
+            selective = (c["logp_after"] - c["logp_before"]) < (
+                c["rival_logp_after"] - c["rival_logp_before"]
+            )
+            assert c["converged"] == (selective and c["logp_after"] < c["logp_before"])
+            continue
+        assert c["final_loss"] is not None and c["steps"] >= 1
+        if case == "ft-erase":
+            assert c["objective"] == "toxic" and c["converged"] and c["p_after"] < c["p_before"] / 2
+            continue
+        assert c["objective"] == "target" and c["n_tokens"] >= 1 and c["rival_n_tokens"] >= 1
+        target_wins = c["logp_after"] * c["n_tokens"] > c["rival_logp_after"] * c["rival_n_tokens"]
+        assert c["converged"] == target_wins
+        if case in ("ft", "dinm"):  # both are strong enough on the tiny model to replace every insult
+            assert c["converged"] and r["detoxified"]

@@ -19,13 +19,32 @@ def objective_of(request: EditRequest) -> tuple[str, str]:
     return "target", request.target
 
 
-def request_logps(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[float]:
-    """Mean per-token log-probability of each request's objective continuation after its bare prompt."""
+def n_tokens(lm: LoadedModel, text: str) -> int:
+    """How many tokens ``continuation_logprob`` scores for a continuation."""
+    return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def request_logps(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[tuple[float, float | None]]:
+    """Per request, the mean per-token log-probability after its bare prompt of (its objective continuation,
+    the toxic continuation a replace edit competes with, or None)."""
     if not requests:
         return []
-    conts = [objective_of(r)[1] for r in requests]
-    values = continuation_logprob(lm, [r.prompt for r in requests], conts)
-    return [float(v) for v in values]
+    prompts, conts, slots = [], [], []
+    for r in requests:
+        prompts.append(r.prompt)
+        conts.append(objective_of(r)[1])
+        if r.mode == "replace" and r.toxic:
+            prompts.append(r.prompt)
+            conts.append(r.toxic)
+            slots.append(True)
+        else:
+            slots.append(False)
+    values = [float(v) for v in continuation_logprob(lm, prompts, conts)]
+    out, i = [], 0
+    for has_rival in slots:
+        out.append((values[i], values[i + 1] if has_rival else None))
+        i += 2 if has_rival else 1
+    return out
 
 
 def mean_logp(lm: LoadedModel, texts: Sequence[str]) -> float:
@@ -47,24 +66,31 @@ def _per_request(info: dict[str, Any], key: str, n: int) -> list[Any]:
 def request_checks(
     delta: EditDelta,
     requests: Sequence[EditRequest],
-    logp_before: Sequence[float],
-    logp_after: Sequence[float],
+    before: Sequence[tuple[float, float | None]],
+    after: Sequence[tuple[float, float | None]],
+    delta_lm: LoadedModel | None = None,
 ) -> list[EditCheck]:
-    """One EditCheck per request: objective before/after, the method's final loss and steps, converged."""
+    """One EditCheck per request: objective (and rival) before/after, the method's final loss and steps."""
     n = len(requests)
     losses = _per_request(delta.info, "request_loss", n)
     steps = _per_request(delta.info, "request_steps", n)
     out = []
-    for req, b, a, loss, step in zip(requests, logp_before, logp_after, losses, steps):
-        objective = objective_of(req)[0]
+    for req, (b, rival_b), (a, rival_a), loss, step in zip(requests, before, after, losses, steps):
+        objective, text = objective_of(req)
+        n = n_tokens(delta_lm, text) if delta_lm is not None else None
+        rival_n = n_tokens(delta_lm, req.toxic) if delta_lm is not None and rival_a is not None else None
         out.append(
             EditCheck(
                 objective=objective,
-                logp_before=float(b),
-                logp_after=float(a),
-                converged=reached(objective, float(b), float(a)),
+                logp_before=b,
+                logp_after=a,
+                converged=reached(objective, b, a, rival_a, n, rival_n),
+                n_tokens=n,
+                rival_n_tokens=rival_n,
                 final_loss=None if loss is None else float(loss),
                 steps=None if step is None else int(step),
+                rival_logp_before=rival_b,
+                rival_logp_after=rival_a,
             )
         )
     return out
@@ -87,6 +113,6 @@ def probe_check(
         logp_after=tox_a,
         converged=converged,
         units_dampened=units,
-        control_logp_before=ctl_b,
-        control_logp_after=ctl_a,
+        rival_logp_before=ctl_b,
+        rival_logp_after=ctl_a,
     )

@@ -649,7 +649,9 @@ def _evaluate_config(
                 checks: dict[int, EditCheck] = {i: shared for i in edit_idx}
             else:
                 logp_after = request_logps(wb.lm, group_requests)
-                checks = dict(zip(edit_idx, request_checks(delta, group_requests, logp_before, logp_after)))
+                checks = dict(
+                    zip(edit_idx, request_checks(delta, group_requests, logp_before, logp_after, wb.lm))
+                )
             eval_items = [items[i] for i in eval_idx]
             gens, scores = _generate_and_score(
                 wb, eval_items, cfg, stage="generate after", emit=null_callback, cancel=cancel
