@@ -45,6 +45,8 @@ class RomeEditor(PresetHparams):
     """Single-layer rank-one edits; several requests are applied one after another on the edited model."""
 
     name = "rome"
+    request_free = False
+    convergence_advice = "another (often later) layer, a larger clamp_norm_factor, or more v_num_grad_steps"
 
     def compute(
         self,
@@ -121,6 +123,8 @@ class RomeEditor(PresetHparams):
             info={
                 "v_loss": losses,
                 "v_steps": steps,
+                "request_loss": losses,
+                "request_steps": steps,
                 "templates": templates,
                 "key_form": key_form,
                 "division_factor": divisions,
