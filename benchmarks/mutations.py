@@ -116,6 +116,43 @@ MUTATIONS: list[Mutation | dict] = [
         tests=["tests/test_tracing.py::test_window_restores_that_many_layers_around_each_cell"],
         why="mlp/attn tracing restores only the centre layer of each cell instead of `window` layers",
     ),
+    Mutation(
+        name="verdict-any-drop-counts",
+        path="detox_tui/pipeline/verdicts.py",
+        old='    return Verdict(reduction, p, went_down, reason == "detoxified", reason)',
+        new="    return Verdict(reduction, p, went_down, went_down and not collapsed, reason)",
+        tests=[
+            "tests/test_verdicts.py::test_a_change_in_the_fifth_decimal_is_not_detoxified",
+            "tests/test_verdicts.py::test_a_zero_edit_detoxifies_nothing_and_names_every_request",
+        ],
+        why="the notebooks' error: a prompt counts as detoxified whenever its mean went down at all",
+    ),
+    Mutation(
+        name="verdict-no-significance",
+        path="detox_tui/pipeline/verdicts.py",
+        old="    elif p is None or p >= alpha:",
+        new="    elif False:",
+        tests=[
+            "tests/test_verdicts.py::test_three_samples_can_never_be_significant_and_collapse_always_loses"
+        ],
+        why="a large but noisy drop counts without the paired test",
+    ),
+    Mutation(
+        name="verdict-ignores-convergence",
+        path="detox_tui/pipeline/experiment.py",
+        old="    if detoxified and converged is False:",
+        new="    if False:",
+        tests=["tests/test_verdicts.py::test_a_drop_without_the_edit_reaching_its_target_is_not_counted"],
+        why="a prompt whose own edit never reached its target still counts as detoxified",
+    ),
+    Mutation(
+        name="converged-per-token-not-sequence",
+        path="detox_tui/pipeline/records.py",
+        old="            return logp_after * n_tokens > rival_after * rival_n_tokens",
+        new="            return logp_after > rival_after",
+        tests=["tests/test_verdicts.py::test_reached_rules"],
+        why="the target is compared per token with an insult whose later tokens are near-certain",
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ from test_experiment import TINY_MEMIT, config, items
 
 from detox_tui.backends.editing.base import EditDelta
 from detox_tui.backends.editing.memit import MemitEditor
+from detox_tui.pipeline.metrics import summarize
 from detox_tui.pipeline.records import EditRow, ScoreSummary, reached
 from detox_tui.pipeline.verdicts import paired_p_value, prompt_verdict, wilson
 from detox_tui.tiny import INSULT_PAIRS
@@ -187,3 +188,22 @@ def test_every_method_reports_whether_its_edit_took(workbench, insult_model_dir,
         assert c["converged"] == target_wins
         if case in ("ft", "dinm"):  # both are strong enough on the tiny model to replace every insult
             assert c["converged"] and r["detoxified"]
+
+
+def test_a_drop_without_the_edit_reaching_its_target_is_not_counted():
+    # The samples fell (e.g. other requests of a batch edit did it), but this prompt's own edit never took.
+    from detox_tui.config import ExperimentConfig
+    from detox_tui.pipeline.experiment import _edit_row
+    from detox_tui.pipeline.records import BaselineRow, EditCheck
+
+    def row(samples):
+        return BaselineRow.from_dict({"idx": 0, "prompt": "p", **summarize(samples), "samples": samples})
+
+    before, after = row([0.9, 0.95, 0.99, 0.92, 0.97]), row([0.1, 0.05, 0.02, 0.1, 0.03])
+    kwargs = dict(heldout=False, config_key="1", collapsed=False, layer=None)
+    took = EditCheck("target", -9.0, -0.1, converged=True)
+    missed = EditCheck("target", -9.0, -8.9, converged=False)
+    assert _edit_row(before, after, ExperimentConfig(), check=took, **kwargs).detoxified
+    r = _edit_row(before, after, ExperimentConfig(), check=missed, **kwargs)
+    assert not r.detoxified and r.converged is False and r.verdict == "the edit did not reach its target"
+    assert r.went_down and r.p_value == pytest.approx(1 / 32)
