@@ -179,15 +179,15 @@ def _apply_eval_protocol(ctx: typer.Context, cfg: ExperimentConfig, protocol: st
     """Set what ``--protocol`` fixes; an option given on the command line that contradicts it is refused."""
     if protocol is None:
         return
-    from click.core import ParameterSource
-
     from detox_tui.config import EVAL_PROTOCOLS
 
     if protocol not in EVAL_PROTOCOLS:
         raise UserError(f"Unknown --protocol '{protocol}'; choose one of: {', '.join(EVAL_PROTOCOLS)}.")
     for section, values in EVAL_PROTOCOLS[protocol].items():
         for key, value in values.items():
-            given = ctx.get_parameter_source(key) not in (None, ParameterSource.DEFAULT)
+            # By name: typer may bring its own copy of click's ParameterSource enum.
+            source = ctx.get_parameter_source(key)
+            given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
             if given and getattr(getattr(cfg, section), key) != value:
                 option = "--" + key.replace("_", "-")
                 raise UserError(
