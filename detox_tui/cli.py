@@ -617,6 +617,14 @@ def trace(
         str | None, typer.Option("--subject", help="Corrupt only this span of the prompt.")
     ] = None,
     continuation_tokens: Annotated[int, typer.Option("--continuation-tokens", min=1)] = 5,
+    noise: Annotated[
+        float | None,
+        typer.Option(
+            "--noise",
+            min=0.0,
+            help="Noise std (default: 3 x the std of the corrupted tokens' embeddings, as the reference).",
+        ),
+    ] = None,
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -659,6 +667,7 @@ def trace(
             window=window,
             samples=noise_samples,
             subject=subject,
+            noise=noise,
             seed=seed,
             emit=emit,
             cancel=cancel,

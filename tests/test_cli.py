@@ -297,7 +297,13 @@ def test_ablate_json_lists_every_configuration(capsys, insult_model_dir, tmp_pat
     data = json.loads(out)
     assert [c["layers"] for c in data["configs"]] == [[1], [2], [1, 2]]
     for c in data["configs"]:
-        assert {"share_detoxified", "share_went_down", "mean_reduction", "n_not_converged", "collapsed"} <= set(c)
+        assert {
+            "share_detoxified",
+            "share_went_down",
+            "mean_reduction",
+            "n_not_converged",
+            "collapsed",
+        } <= set(c)
     assert data["summary"]["best"] in (None, "1", "2", "1,2")
 
 
@@ -326,3 +332,22 @@ def test_trace_json_and_csv(capsys, insult_model_dir, tmp_path):
     assert all(len(row) == len(data["tokens"]) for row in data["scores"])
     assert data["continuation"].strip().startswith("stupid")
     assert target.read_text().startswith("layer,")
+    assert data["noise"] > 0  # 3 x the prompt tokens' embedding std, recorded
+    # An explicit noise level is used and recorded as given.
+    rc, out, err = run_cli(
+        capsys,
+        *("trace", "--prompt", "People from that town are all", "--model", str(insult_model_dir)),
+        *(
+            "--device",
+            "cpu",
+            "--noise-samples",
+            "2",
+            "--continuation-tokens",
+            "2",
+            "--noise",
+            "0.25",
+            "--json",
+        ),
+    )
+    assert rc == 0, err
+    assert json.loads(out)["noise"] == 0.25
