@@ -207,6 +207,11 @@ async def test_cancel_restores_weights_and_ui_stays_responsive(insult_model_dir,
         original = weights_fingerprint(app.workbench.lm.model)
         await _set_run_settings(pilot, samples="5", tokens="20")
         await _tiny_memit(pilot)
+        # A z optimisation that cannot finish early (a vanishing step size, many steps) keeps the edit running
+        # however fast the machine, so the keys below always land while it runs; cancel stops it mid-way.
+        form = app.query_one(MethodForm)
+        await set_input(pilot, form.hparam_inputs()["v_lr"], "0.000001")
+        await set_input(pilot, form.hparam_inputs()["v_num_grad_steps"], "100000")
         app.set_focus(None)
         await pilot.press("e")
         assert app.running == "edit", [n.message for n in app._notifications]
