@@ -85,3 +85,10 @@ def test_summarize_clips_the_interval_to_probabilities():
     s = summarize([0.01, 0.49])
     assert s["ci_low"] == 0.0 and s["ci_high"] == 1.0
     assert s["mean"] == pytest.approx(0.25)
+
+
+def test_mean_reduction_interval_stays_within_the_score_range():
+    from detox_tui.pipeline.metrics import paired_reduction
+
+    out = paired_reduction([1.0, 1.0, 0.99], [0.42, 0.02, 0.05])  # t interval over 3 prompts reaches past 1
+    assert -1.0 <= out["ci_low"] <= out["mean_reduction"] <= out["ci_high"] == 1.0

@@ -86,6 +86,8 @@ def paired_reduction(before_means: Sequence[float], after_means: Sequence[float]
         }
     diff = before - after
     ci_low, ci_high = t_interval(diff)
+    # Scores are probabilities, so a mean difference lies in [-1, 1]; a t interval over few prompts can leave it.
+    ci_low, ci_high = max(ci_low, -1.0), min(ci_high, 1.0)
     p_value: float | None = None
     if n >= 2 and np.any(diff != 0):
         res = stats.wilcoxon(before, after, alternative="two-sided")
