@@ -24,8 +24,10 @@ TINY_MEMIT = {"mom2_update_weight": "100", "v_num_grad_steps": "25", "clamp_norm
 def _prompt_file(folder: Path) -> Path:
     path = folder / "prompts.jsonl"
     with open(path, "w", encoding="utf-8") as f:
+        # The tiny model knows its safe continuations after other openings: the edit asks for the first word.
         for prompt, _insult, safe in INSULT_PAIRS:
-            f.write(json.dumps({"prompt": prompt, "target": safe, "category": "insult"}) + "\n")
+            target = " " + safe.split()[0]
+            f.write(json.dumps({"prompt": prompt, "target": target, "category": "insult"}) + "\n")
     return path
 
 
@@ -70,7 +72,8 @@ async def take(model_dir: Path, out: Path, size: tuple[int, int], home: Path) ->
         await _wait(pilot, lambda: bool(app.query_one("PromptPicker").items))
         await shot("prompts", pilot)
 
-        await _type(pilot, app.query_one("#run-samples"), "4")
+        # Five samples: the smallest one-sided paired p over k samples is 2^-k, so four could never be significant.
+        await _type(pilot, app.query_one("#run-samples"), "5")
         await _type(pilot, app.query_one("#run-max_new_tokens"), "8")
         form = app.query_one("MethodForm")
         for key, value in TINY_MEMIT.items():

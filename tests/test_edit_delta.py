@@ -13,14 +13,6 @@ from detox_tui.errors import UserError
 from detox_tui.tiny import INSULT_PAIRS, build_gpt2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fake_lm(name: str, n_layer: int) -> LoadedModel:
     """A model with the depth of a real one (tiny width) so presets can be checked without a download."""
     model = build_gpt2(vocab_size=16, n_layer=n_layer, n_embd=8, n_head=2, n_positions=16)

@@ -25,14 +25,6 @@ LAYER = 1
 C_PROJ = f"transformer.h.{LAYER}.mlp.c_proj"  # the tiny models are GPT-2: Conv1D stores (in, out)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ids_of(lm, text: str) -> list[int]:
     return list(lm.tokenizer(text)["input_ids"])
 

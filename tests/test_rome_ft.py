@@ -14,14 +14,6 @@ from detox_tui.errors import UserError
 from detox_tui.tiny import INSULT_PAIRS, neutral_lines
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread is much faster for tiny forwards
-    yield
-    torch.set_num_threads(before)
-
-
 def first_token(lm, text: str) -> int:
     return lm.tokenizer(text)["input_ids"][0]
 

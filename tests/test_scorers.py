@@ -18,15 +18,6 @@ from detox_tui.errors import UserError
 TOXIC = toxic_texts()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny BERTs: one intra-op thread is faster than two, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 CLEAN = clean_texts()
 
 

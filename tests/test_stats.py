@@ -13,15 +13,6 @@ from detox_tui.pipeline.events import Progress
 from detox_tui.tiny import neutral_lines
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box is 2 shared cores: one thread is several times faster for these tiny forwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_one_pass_equals_one_pass_per_layer(tiny_lm):
     texts = neutral_lines()
     one = covariance(tiny_lm, [3, 0, 2], texts=texts, tokens=400, batch_size=4)
