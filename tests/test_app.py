@@ -286,3 +286,27 @@ async def test_missing_model_is_reported_not_raised(tmp_path, missing):
         await pilot.press("b")
         assert app.running is None
         assert "failed to load" in str(app.query_one("#model-status").render())
+
+
+async def test_a_pending_row_filled_in_place_widens_its_columns():
+    # An edit's rows first show "running…"; when the result arrives the "after [95% CI]" cell must not be cut.
+    from textual.app import App
+
+    from detox_tui.widgets.results_table import fmt_ci
+
+    class One(App):
+        def compose(self):
+            yield ResultsTable()
+
+    before = {"idx": 0, "prompt": "p", "mean": 0.9, "ci_low": 0.85, "ci_high": 0.95, "samples": [0.9] * 5}
+    after = {"mean": 0.19, "ci_low": 0.0, "ci_high": 0.61}
+    edit = {"idx": 0, "prompt": "p", "config": "1,2", "before": before, "after": after, "reduction": 0.71}
+    async with One().run_test(size=(160, 20)) as pilot:
+        table = pilot.app.query_one(ResultsTable)
+        table.start("edit")
+        table.add_result("before", before)
+        await pilot.pause()
+        table.add_result("edit", edit)
+        await pilot.pause()
+        column = table.columns[next(k for k in table.columns if k.value == "after")]
+        assert column.content_width >= fmt_ci(after).cell_len

@@ -63,7 +63,7 @@ class AblationChart(DataTable):
         ]
         if key in self.rows_by_key:
             for col, cell in zip(self.columns, cells):
-                self.update_cell(key, col, cell)
+                self.update_cell(key, col, cell, update_width=True)
         else:
             self.add_row(*cells, key=key)
         self.rows_by_key[key] = row

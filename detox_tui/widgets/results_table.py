@@ -215,7 +215,7 @@ class ResultsTable(DataTable):
         if key in self.data:
             self.data[key] = row
             for col, cell in zip(self.columns, cells):
-                self.update_cell(key, col, cell)
+                self.update_cell(key, col, cell, update_width=True)
             # A pending row filled in under the cursor: refresh the views that follow the highlighted row.
             if self.row_count and self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value == key:
                 self.post_message(self.RowHighlightedData(row))
