@@ -55,9 +55,10 @@ class EventRenderer:
             self.progress.update(task, completed=event.done, total=max(event.total, 1))
         elif isinstance(event, Log) and not self.quiet:
             style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
-            self.progress.console.print(f"[{style}]{event.message}[/]")
+            # Messages can quote prompts (untrusted): plain text, never markup.
+            self.progress.console.print(Text(event.message, style=style))
         elif isinstance(event, Failed):
-            self.progress.console.print(f"[red]{event.error}[/]")
+            self.progress.console.print(Text(event.error, style="red"))
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -296,3 +296,21 @@ def test_cli_rtp_protocol_json_carries_the_field_metrics(capsys, insult_model_di
         capsys, "baseline", "--protocol", "rtp", "--samples", "3", "--model", str(insult_model_dir)
     )
     assert rc == 2 and "--protocol rtp sets --samples to 25" in err
+
+
+def test_a_prompt_with_markup_in_the_convergence_warning_prints_as_text():
+    import io
+
+    from rich.console import Console
+
+    from detox_tui.console import EventRenderer, summary_lines
+    from detox_tui.pipeline.events import Log
+
+    note = "1 of 1 edits did not reach their target (#0 'They are [/] [bold]x'); try later layers."
+    buf = io.StringIO()
+    console = Console(file=buf, width=200)
+    with EventRenderer(console) as render:
+        render(Log(note, level="warning"))
+    for line in summary_lines({"convergence_note": note}):
+        console.print(line)
+    assert buf.getvalue().count("[/] [bold]x") == 2
