@@ -306,3 +306,29 @@ def test_v_loss_layer_below_the_edit_layer_reads_at_the_edit_layer(tiny_lm, edit
     same = RomeEditor().compute(lm, [request], {**rome, "v_loss_layer": 2}, ctx)
     name = "transformer.h.2.mlp.c_proj.weight"
     assert torch.equal(low.deltas[name], same.deltas[name])
+
+
+def test_memit_keys_average_within_the_bare_and_sampled_groups_then_across(tiny_lm):
+    # kmeng01/memit compute_ks: the keys of each context-template group are averaged, then the groups' means are
+    # averaged: [["{}"], [sampled prefixes...]] -> (k_bare + mean(k_prefixes)) / 2, not a flat mean over all six.
+    from detox_tui.backends.editing.common import compute_keys, context_templates
+
+    lm = tiny_lm
+    templates = context_templates(lm, n=3, length=4)
+    requests = [
+        EditRequest("The people next door are", " kind", subject="people"),
+        EditRequest("My coworker is", " nice"),
+    ]
+    got = compute_keys(lm, LAYER, requests, templates)
+    for row, req in zip(got, requests):
+        subject = req.subject or req.prompt
+        keys = [
+            c_proj_input(lm, t.replace("{}", req.prompt), subject_last_index(lm, t, req.prompt, subject))
+            for t in templates
+        ]
+        bare = keys[templates.index("{}")]
+        sampled = torch.stack([k for t, k in zip(templates, keys) if t != "{}"]).mean(0)
+        expected = (bare + sampled) / 2
+        assert torch.allclose(row, expected, atol=1e-5, rtol=1e-5)
+        flat = torch.stack(keys).mean(0)
+        assert not torch.allclose(row, flat, atol=1e-5, rtol=1e-5)  # the grouping matters: this test can tell
