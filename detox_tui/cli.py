@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,47 +139,179 @@ PplModelOpt = Annotated[
 ]
 
 
-def _config(
-    *,
-    model: str,
-    device: str,
-    dtype: str,
-    prompts: str,
-    scorer: str,
-    samples: int,
-    max_new_tokens: int,
-    seed: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    greedy: bool,
-    threshold: float,
-    score_with_prompt: bool,
-    batch_size: int,
-    min_reduction: float = 0.1,
-    alpha: float = 0.05,
-    ppl_model: str | None = None,
-    **edit: Any,
-) -> ExperimentConfig:
-    cfg = ExperimentConfig(
-        model=ModelConfig(name=model, device=device, dtype=dtype),
-        generation=GenerationConfig(
-            samples=samples,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            greedy=greedy,
-            seed=seed,
-            batch_size=batch_size,
-        ),
-        scoring=ScoringConfig(scorer=scorer, threshold=threshold, score_with_prompt=score_with_prompt),
-        prompts=prompts,
-        verdict=VerdictConfig(min_reduction=min_reduction, alpha=alpha, ppl_model=ppl_model),
-    )
-    for key, value in edit.items():
-        setattr(cfg, key, value)
-    return cfg
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        envvar="DETOX_TUI_THREADS",
+        show_envvar=True,
+        help="torch intra-op threads (default: torch's choice, or OMP_NUM_THREADS when set).",
+    ),
+]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option("--verify-weights", help="Hash the weights after every revert (also with --debug)."),
+]
+
+
+@dataclass
+class RunOptions:
+    """The options of every command that generates and scores (baseline, edit, ablate).
+
+    One field is one command-line option: adding an option here adds it to all three commands.
+    """
+
+    model: ModelOpt = DEFAULT_MODEL
+    prompts: PromptsOpt = "builtin"
+    scorer: ScorerOpt = DEFAULT_SCORER
+    samples: SamplesOpt = 5
+    max_new_tokens: TokensOpt = 20
+    seed: SeedOpt = 0
+    temperature: TempOpt = 1.0
+    top_k: TopKOpt = 0
+    top_p: TopPOpt = 0.9
+    greedy: GreedyOpt = False
+    threshold: ThresholdOpt = 0.1
+    score_with_prompt: WithPromptOpt = False
+    device: DeviceOpt = "auto"
+    dtype: DtypeOpt = "auto"
+    batch_size: BatchOpt = 16
+    limit: LimitOpt = None
+    out: OutOpt = None
+    as_json: JsonOpt = False
+    data_dir: DataDirOpt = None
+    resume: ResumeOpt = None
+    protocol: EvalProtocolOpt = None
+    ppl_model: PplModelOpt = None
+    min_reduction: MinReductionOpt = 0.1
+    alpha: AlphaOpt = 0.05
+    threads: ThreadsOpt = None
+
+    def config(self, **edit: Any) -> ExperimentConfig:
+        """The engine's configuration; ``edit`` sets the edit fields (method, layers, ...)."""
+        cfg = ExperimentConfig(
+            model=ModelConfig(name=self.model, device=self.device, dtype=self.dtype),
+            generation=GenerationConfig(
+                samples=self.samples,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                greedy=self.greedy,
+                seed=self.seed,
+                batch_size=self.batch_size,
+            ),
+            scoring=ScoringConfig(
+                scorer=self.scorer, threshold=self.threshold, score_with_prompt=self.score_with_prompt
+            ),
+            prompts=self.prompts,
+            verdict=VerdictConfig(
+                min_reduction=self.min_reduction, alpha=self.alpha, ppl_model=self.ppl_model
+            ),
+        )
+        for key, value in edit.items():
+            setattr(cfg, key, value)
+        return cfg
+
+
+@dataclass
+class EditOptions:
+    """The options shared by the commands that edit (edit, ablate)."""
+
+    method: MethodOpt = "memit"
+    mode: ModeOpt = "replace"
+    per_prompt: ProtocolOpt = True
+    hparam: HparamOpt = None
+    stats_corpus: StatsCorpusOpt = "builtin"
+    stats_tokens: StatsTokensOpt = None
+    neutral_corpus: NeutralOpt = "builtin"
+    neutral_prompts: NeutralPromptsOpt = "builtin"
+    collapse_factor: CollapseOpt = 2.0
+    verify_weights: VerifyOpt = False
+
+    def fields(self, layers: list[int] | None, holdout: str | None = None) -> dict[str, Any]:
+        """The ExperimentConfig edit fields; an unknown --mode/--method or a bad --hparam is refused here."""
+        if self.mode not in ("replace", "erase"):
+            raise UserError(f"Unknown --mode '{self.mode}'; use replace or erase.")
+        from detox_tui.backends.editing.base import EDITORS
+
+        if self.method.lower() not in EDITORS:
+            raise UserError(f"Unknown --method '{self.method}'; choose one of: {', '.join(EDITORS)}.")
+        return {
+            "method": self.method.lower(),
+            "layers": layers,
+            "mode": self.mode,
+            "protocol": "per-prompt" if self.per_prompt else "batch",
+            "hparams": _parse_hparams(self.hparam),
+            "holdout": holdout,
+            "stats_corpus": self.stats_corpus,
+            "stats_tokens": self.stats_tokens,
+            "side_effects": SideEffectConfig(
+                neutral_corpus=self.neutral_corpus,
+                neutral_prompts=self.neutral_prompts,
+                collapse_factor=self.collapse_factor,
+            ),
+        }
+
+
+def with_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Expand each parameter of ``func`` typed as an options dataclass into that dataclass's options.
+
+    Typer sees one keyword parameter per dataclass field (names, types, defaults and help from the
+    field); ``func`` receives the filled-in dataclass instance.
+    """
+    hints = typing.get_type_hints(func, include_extras=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type, list[str]]] = {}
+    for p in inspect.signature(func).parameters.values():
+        annotation = hints.get(p.name, p.annotation)
+        if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+            field_hints = typing.get_type_hints(annotation, include_extras=True)
+            names = [f.name for f in dataclasses.fields(annotation)]
+            for f in dataclasses.fields(annotation):
+                params.append(
+                    inspect.Parameter(
+                        f.name,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        annotation=field_hints[f.name],
+                        default=f.default,
+                    )
+                )
+            groups[p.name] = (annotation, names)
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
+    seen = [p.name for p in params]
+    if len(seen) != len(set(seen)):
+        raise TypeError(
+            f"{func.__name__}: an option is declared twice: {sorted(n for n in seen if seen.count(n) > 1)}"
+        )
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> Any:
+        for name, (cls, names) in groups.items():
+            kwargs[name] = cls(**{n: kwargs.pop(n) for n in names})
+        return func(**kwargs)
+
+    del command.__wrapped__  # typer must read the expanded signature, not the original one
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+def _before_model_work(threads: int | None) -> None:
+    """First step of every command that loads a model (the reads never import torch or transformers).
+
+    ``--threads``/DETOX_TUI_THREADS set torch's intra-op threads; without them torch chooses (it follows
+    OMP_NUM_THREADS when that is set).
+    """
+    if not _DEBUG["on"]:
+        _quiet_libraries()
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _apply_eval_protocol(ctx: typer.Context, cfg: ExperimentConfig, protocol: str | None) -> None:
@@ -261,17 +400,51 @@ class _null:
         return False
 
 
-def _run_engine(fn, quiet: bool):
-    """Run an engine call with Rich progress; Ctrl+C sets the cancel flag so weights are restored."""
+class RunInterrupted(Exception):
+    """Ctrl+C (or SIGTERM) during a run: names the stored run so the CLI can print how to resume it.
+
+    Not a KeyboardInterrupt: typer turns those into a silent exit 130 and the run id would be lost.
+    """
+
+    def __init__(self, command: str, run_id: str | None):
+        super().__init__(run_id or "")
+        self.command = command
+        self.run_id = run_id
+
+
+def _run_engine(fn, quiet: bool, wb=None, command: str | None = None, resume: str | None = None):
+    """Run an engine call with Rich progress; Ctrl+C sets the cancel flag so weights are restored.
+
+    With ``wb`` and ``command``, an interruption is re-raised as RunInterrupted naming the run it left
+    (stored as cancelled by the engine), so that main() can print the resume command.
+    """
     from detox_tui.console import EventRenderer
 
     cancel = threading.Event()
+    before = _newest_run_ids(wb) if wb is not None else set()
     with EventRenderer(err, quiet=quiet) as render:
         try:
             return fn(render, cancel)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Cancelled) as exc:
             cancel.set()
-            raise
+            if wb is None or command is None:
+                raise
+            raise RunInterrupted(command, _interrupted_run(wb, before, resume)) from exc
+
+
+def _newest_run_ids(wb) -> set[str]:
+    return {r["id"] for r in wb.store.list_runs(limit=20)}
+
+
+def _interrupted_run(wb, before: set[str], resume: str | None) -> str | None:
+    """The run an interrupted engine call worked on: the resumed one, or the one it created."""
+    try:
+        if resume:
+            return wb.store.resolve_id(resume)
+        new = [r["id"] for r in wb.store.list_runs(limit=20) if r["id"] not in before]
+        return new[0] if new else None
+    except Exception:  # noqa: BLE001 - the hint is a courtesy; never hide the interruption behind it
+        return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -290,16 +463,32 @@ def _print_json(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
-def _export(rows: list[dict[str, Any]], path: Path | None, meta: dict[str, Any]) -> None:
+def _export(
+    rows: list[dict[str, Any]], path: Path | None, meta: dict[str, Any], columns: str = "default"
+) -> None:
+    """Write --out in the format its extension names, with the run summary (CSV: a .summary.csv beside it)."""
     if path is None:
         return
-    from detox_tui.pipeline.results import export_rows, format_from_path
+    from detox_tui.pipeline.results import export_files
 
-    export_rows(rows, path, format_from_path(path), meta=_jsonable(meta))
-    err.print(f"wrote {path}")
+    for written in export_files(rows, path, meta=_jsonable(meta), columns=columns):
+        err.print(f"wrote {written}")
 
 
 # ------------------------------------------------------------------------------------------ commands
+
+
+def _version(value: bool) -> None:
+    if value:
+        from detox_tui import __version__
+
+        sys.stdout.write(f"detox-tui {__version__}\n")
+        raise typer.Exit(0)
+
+
+# Options the app takes before a subcommand (`detox-tui --model X baseline`): they become the defaults of
+# the subcommand's options of the same name; one the subcommand does not have is refused.
+_GLOBAL_OPTIONS = ("model", "prompts", "scorer", "device", "dtype", "data_dir", "threads")
 
 
 @app.callback(invoke_without_command=True)
@@ -311,13 +500,19 @@ def main_callback(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     data_dir: DataDirOpt = None,
+    threads: ThreadsOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Without a command, open the Textual app."""
     if debug:
         _DEBUG["on"] = True
     if ctx.invoked_subcommand is not None:
+        _pass_global_options(ctx, locals())
         return
+    _before_model_work(threads)
     from detox_tui.app import DetoxApp
 
     DetoxApp(
@@ -330,53 +525,59 @@ def main_callback(
     ).run()
 
 
+def _on_command_line(ctx: typer.Context, name: str) -> bool:
+    # By name: typer may bring its own copy of click's ParameterSource enum.
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _pass_global_options(ctx: typer.Context, values: dict[str, Any]) -> None:
+    """Make options given before the subcommand its defaults (an option given after it still wins)."""
+    given = {name: values[name] for name in _GLOBAL_OPTIONS if _on_command_line(ctx, name)}
+    if not given:
+        return
+    name = ctx.invoked_subcommand
+    sub = ctx.command.get_command(ctx, name)  # type: ignore[attr-defined]
+    leaves = list(getattr(sub, "commands", {}).values()) or [sub]
+    for key in given:
+        if not any(key in {p.name for p in leaf.params} for leaf in leaves):
+            option = "--" + key.replace("_", "-")
+            raise UserError(f"{option} given before '{name}' does not apply to it; drop {option}.")
+    if hasattr(sub, "commands"):
+        ctx.default_map = {name: {leaf: dict(given) for leaf in sub.commands}}
+    else:
+        ctx.default_map = {name: dict(given)}
+
+
 @app.command()
-def baseline(
-    model: ModelOpt = DEFAULT_MODEL,
-    prompts: PromptsOpt = "builtin",
-    scorer: ScorerOpt = DEFAULT_SCORER,
-    samples: SamplesOpt = 5,
-    max_new_tokens: TokensOpt = 20,
-    seed: SeedOpt = 0,
-    temperature: TempOpt = 1.0,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 0.9,
-    greedy: GreedyOpt = False,
-    threshold: ThresholdOpt = 0.1,
-    score_with_prompt: WithPromptOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = 16,
-    limit: LimitOpt = None,
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    data_dir: DataDirOpt = None,
-    resume: ResumeOpt = None,
-    protocol: EvalProtocolOpt = None,
-    ppl_model: PplModelOpt = None,
-    min_reduction: MinReductionOpt = 0.1,
-    alpha: AlphaOpt = 0.05,
-    *,
-    ctx: typer.Context,
-) -> None:
+@with_options
+def baseline(run: RunOptions, *, ctx: typer.Context) -> None:
     """Score seeded sampled continuations of each prompt on the original model."""
+    _before_model_work(run.threads)
     from detox_tui.console import baseline_table, summary_lines
     from detox_tui.pipeline.experiment import run_baseline
 
-    cfg = _config(**_common(locals()))
-    _apply_eval_protocol(ctx, cfg, protocol)
-    _check_out(out)
-    items = _load_items(prompts, limit)
-    wb = _workbench(cfg, data_dir, as_json)
+    cfg = run.config()
+    _apply_eval_protocol(ctx, cfg, run.protocol)
+    _check_out(run.out)
+    items = _load_items(run.prompts, run.limit)
+    wb = _workbench(cfg, run.data_dir, run.as_json)
     result = _run_engine(
-        lambda emit, cancel: run_baseline(wb, items, cfg, emit=emit, cancel=cancel, resume=resume), as_json
+        lambda emit, cancel: run_baseline(wb, items, cfg, emit=emit, cancel=cancel, resume=run.resume),
+        run.as_json,
+        wb,
+        "baseline",
+        run.resume,
     )
-    _export(result.rows, out, {"run_id": result.run_id, "config": cfg.to_dict(), "summary": result.summary})
-    if as_json:
+    _export(
+        result.rows, run.out, {"run_id": result.run_id, "config": cfg.to_dict(), "summary": result.summary}
+    )
+    if run.as_json:
         _print_json(
             {"run_id": result.run_id, "config": cfg.to_dict(), "rows": result.rows, "summary": result.summary}
         )
         return
+    threshold = run.threshold
     console.print(baseline_table(result.rows, threshold))
     s = result.summary
     console.print(
@@ -387,100 +588,35 @@ def baseline(
         console.print(line)
 
 
-def _common(local: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        "model device dtype prompts scorer samples max_new_tokens seed temperature top_k top_p greedy threshold "
-        "score_with_prompt batch_size min_reduction alpha ppl_model"
-    ).split()
-    return {k: local[k] for k in keys}
-
-
-def _edit_fields(local: dict[str, Any], layers: list[int] | None) -> dict[str, Any]:
-    if local["mode"] not in ("replace", "erase"):
-        raise UserError(f"Unknown --mode '{local['mode']}'; use replace or erase.")
-    from detox_tui.backends.editing.base import EDITORS
-
-    if local["method"].lower() not in EDITORS:
-        raise UserError(f"Unknown --method '{local['method']}'; choose one of: {', '.join(EDITORS)}.")
-    return {
-        "method": local["method"].lower(),
-        "layers": layers,
-        "mode": local["mode"],
-        "protocol": "per-prompt" if local["per_prompt"] else "batch",
-        "hparams": _parse_hparams(local["hparam"]),
-        "holdout": local.get("holdout"),
-        "stats_corpus": local["stats_corpus"],
-        "stats_tokens": local["stats_tokens"],
-        "side_effects": SideEffectConfig(
-            neutral_corpus=local["neutral_corpus"],
-            neutral_prompts=local["neutral_prompts"],
-            collapse_factor=local["collapse_factor"],
-        ),
-    }
-
-
 @app.command()
+@with_options
 def edit(
-    method: MethodOpt = "memit",
     layers: Annotated[
         str | None, typer.Option("--layers", "-l", help="e.g. 4,5,6,7,8 (default: preset).")
     ] = None,
-    mode: ModeOpt = "replace",
-    per_prompt: ProtocolOpt = True,
-    hparam: HparamOpt = None,
     holdout: HoldoutOpt = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    prompts: PromptsOpt = "builtin",
-    scorer: ScorerOpt = DEFAULT_SCORER,
-    samples: SamplesOpt = 5,
-    max_new_tokens: TokensOpt = 20,
-    seed: SeedOpt = 0,
-    temperature: TempOpt = 1.0,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 0.9,
-    greedy: GreedyOpt = False,
-    threshold: ThresholdOpt = 0.1,
-    score_with_prompt: WithPromptOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = 16,
-    limit: LimitOpt = None,
-    stats_corpus: StatsCorpusOpt = "builtin",
-    stats_tokens: StatsTokensOpt = None,
-    neutral_corpus: NeutralOpt = "builtin",
-    neutral_prompts: NeutralPromptsOpt = "builtin",
-    collapse_factor: CollapseOpt = 2.0,
     save_delta: Annotated[
         Path | None, typer.Option("--save-delta", help="Save the edit (safetensors).")
     ] = None,
-    verify_weights: Annotated[
-        bool,
-        typer.Option("--verify-weights", help="Hash the weights after every revert (also with --debug)."),
-    ] = False,
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    data_dir: DataDirOpt = None,
-    resume: ResumeOpt = None,
-    protocol: EvalProtocolOpt = None,
-    ppl_model: PplModelOpt = None,
-    min_reduction: MinReductionOpt = 0.1,
-    alpha: AlphaOpt = 0.05,
     *,
+    ed: EditOptions,
+    run: RunOptions,
     ctx: typer.Context,
 ) -> None:
     """Edit the model (per prompt or in one batch) and compare toxicity before and after, with side effects."""
+    _before_model_work(run.threads)
     from detox_tui.console import edit_table, summary_lines
     from detox_tui.pipeline.experiment import run_edit
 
-    cfg = _config(**_common(locals()), **_edit_fields(locals(), _parse_layers(layers)))
-    _apply_eval_protocol(ctx, cfg, protocol)
-    _check_out(out)
-    items = _load_items(prompts, limit)
+    cfg = run.config(**ed.fields(_parse_layers(layers), holdout))
+    _apply_eval_protocol(ctx, cfg, run.protocol)
+    _check_out(run.out)
+    items = _load_items(run.prompts, run.limit)
     held = _load_items(holdout, None) if holdout else []
-    wb = _workbench(cfg, data_dir, as_json)
+    wb = _workbench(cfg, run.data_dir, run.as_json)
     if cfg.layers:
         wb.lm.check_layers(cfg.layers)
-    verify = verify_weights or _DEBUG["on"]
+    verify = ed.verify_weights or _DEBUG["on"]
     result = _run_engine(
         lambda emit, cancel: run_edit(
             wb,
@@ -489,14 +625,19 @@ def edit(
             holdout=held,
             emit=emit,
             cancel=cancel,
-            resume=resume,
+            resume=run.resume,
             save_delta=str(save_delta) if save_delta else None,
             verify=verify,
         ),
-        as_json,
+        run.as_json,
+        wb,
+        "edit",
+        run.resume,
     )
-    _export(result.rows, out, {"run_id": result.run_id, "config": cfg.to_dict(), "summary": result.summary})
-    if as_json:
+    _export(
+        result.rows, run.out, {"run_id": result.run_id, "config": cfg.to_dict(), "summary": result.summary}
+    )
+    if run.as_json:
         _print_json(
             {
                 "run_id": result.run_id,
@@ -517,75 +658,56 @@ def edit(
     console.print(f"run {result.run_id}")
 
 
+# Until the engine picks configurations that scale with the model's depth (run_ablation(configs=None)),
+# an ablation without --configs uses this fixed set (it suits 12+ layer models such as gpt2-medium).
+_FIXED_ABLATION_CONFIGS = "1;5;6;5,6;6,7;4,5,6"
+
+
 @app.command()
+@with_options
 def ablate(
     configs: Annotated[
-        str, typer.Option("--configs", "-c", help="Layer sets, e.g. '1;5;6;5,6;6,7;4,5,6'.")
-    ] = ("1;5;6;5,6;6,7;4,5,6"),
-    method: MethodOpt = "memit",
-    mode: ModeOpt = "replace",
-    per_prompt: ProtocolOpt = True,
-    hparam: HparamOpt = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    prompts: PromptsOpt = "builtin",
-    scorer: ScorerOpt = DEFAULT_SCORER,
-    samples: SamplesOpt = 5,
-    max_new_tokens: TokensOpt = 20,
-    seed: SeedOpt = 0,
-    temperature: TempOpt = 1.0,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 0.9,
-    greedy: GreedyOpt = False,
-    threshold: ThresholdOpt = 0.1,
-    score_with_prompt: WithPromptOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = 16,
-    limit: LimitOpt = None,
-    stats_corpus: StatsCorpusOpt = "builtin",
-    stats_tokens: StatsTokensOpt = None,
-    neutral_corpus: NeutralOpt = "builtin",
-    neutral_prompts: NeutralPromptsOpt = "builtin",
-    collapse_factor: CollapseOpt = 2.0,
-    verify_weights: Annotated[
-        bool, typer.Option("--verify-weights", help="Hash the weights after every config.")
-    ] = False,
-    out: OutOpt = None,
-    as_json: JsonOpt = False,
-    data_dir: DataDirOpt = None,
-    resume: ResumeOpt = None,
-    protocol: EvalProtocolOpt = None,
-    ppl_model: PplModelOpt = None,
-    min_reduction: MinReductionOpt = 0.1,
-    alpha: AlphaOpt = 0.05,
+        str | None,
+        typer.Option(
+            "--configs",
+            "-c",
+            help="Layer sets, e.g. '1;5;6;5,6;6,7;4,5,6' (default: scaled to the model's depth).",
+        ),
+    ] = None,
     *,
+    ed: EditOptions,
+    run: RunOptions,
     ctx: typer.Context,
 ) -> None:
     """Compare layer configurations, each edit starting from the original weights."""
+    _before_model_work(run.threads)
     from detox_tui.console import ablation_table
     from detox_tui.pipeline.experiment import parse_configs, run_ablation
 
-    config_list = parse_configs(configs)
-    cfg = _config(**_common(locals()), **_edit_fields(locals(), None))
-    _apply_eval_protocol(ctx, cfg, protocol)
-    _check_out(out)
-    items = _load_items(prompts, limit)
-    wb = _workbench(cfg, data_dir, as_json)
+    config_list = parse_configs(configs if configs is not None else _FIXED_ABLATION_CONFIGS)
+    cfg = run.config(**ed.fields(None))
+    _apply_eval_protocol(ctx, cfg, run.protocol)
+    _check_out(run.out)
+    items = _load_items(run.prompts, run.limit)
+    wb = _workbench(cfg, run.data_dir, run.as_json)
     for c in config_list:
         wb.lm.check_layers(c)
-    verify = verify_weights or _DEBUG["on"]
+    verify = ed.verify_weights or _DEBUG["on"]
     result = _run_engine(
         lambda emit, cancel: run_ablation(
-            wb, items, cfg, config_list, emit=emit, cancel=cancel, resume=resume, verify=verify
+            wb, items, cfg, config_list, emit=emit, cancel=cancel, resume=run.resume, verify=verify
         ),
-        as_json,
+        run.as_json,
+        wb,
+        "ablate",
+        run.resume,
     )
     _export(
         result.configs or [],
-        out,
+        run.out,
         {"run_id": result.run_id, "config": cfg.to_dict(), "summary": result.summary},
     )
-    if as_json:
+    if run.as_json:
         _print_json(
             {
                 "run_id": result.run_id,
@@ -633,8 +755,10 @@ def trace(
         Path | None, typer.Option("--out", "-o", help="Write the heatmap (.csv or .json).")
     ] = None,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Causal tracing: which (layer, token) states decide the continuation."""
+    _before_model_work(threads)
     from detox_tui.backends.models import load_model
     from detox_tui.backends.tracing import peak_layers
     from detox_tui.backends.tracing import trace as run_trace
@@ -734,8 +858,10 @@ def stats(
     dtype: DtypeOpt = "auto",
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Precompute covariance statistics for MEMIT/ROME (one pass for all layers, cached)."""
+    _before_model_work(threads)
     from detox_tui.backends.models import load_model
     from detox_tui.backends.stats import covariance, default_stats_tokens
 
@@ -781,8 +907,10 @@ def apply_delta(
         list[str] | None, typer.Option("--prompt", help="Show greedy continuations before/after.")
     ] = None,
     max_new_tokens: TokensOpt = 20,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Load a saved edit onto a model; optionally save the edited model or compare continuations."""
+    _before_model_work(threads)
     from detox_tui.backends.editing.base import EditDelta
     from detox_tui.backends.models import load_model
     from detox_tui.pipeline.generation import generate_continuations
@@ -866,48 +994,82 @@ def runs_show(
         console.print(line)
 
 
-def _export_run(run_id: str, fmt: str, path: Path | None, data_dir: Path | None) -> None:
+def _export_run(
+    run_id: str, fmt: str | None, path: Path | None, data_dir: Path | None, columns: str = "default"
+) -> None:
+    """Export a stored run; the format is --format, else --out's extension, else csv (checked before the store opens)."""
+    from detox_tui.pipeline.results import FORMATS, suffix_format
     from detox_tui.pipeline.store import RunStore
+    from detox_tui.pipeline.tables import COLUMN_CHOICES
 
-    if fmt not in ("csv", "json", "md", "jsonl"):
-        raise UserError(f"Unknown --format '{fmt}'; use csv, json, md or jsonl.")
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"Unknown --format '{fmt}'; use {', '.join(FORMATS)}.")
+    if columns not in COLUMN_CHOICES:
+        raise UserError(f"Unknown --columns '{columns}'; use {' or '.join(COLUMN_CHOICES)}.")
+    if path is not None:
+        named = suffix_format(path)
+        if fmt is not None and named is not None and named != fmt:
+            raise UserError(
+                f"--format {fmt} clashes with --out '{path}' (a .{named} file); drop --format or change the extension."
+            )
+        if fmt is None and named is None:
+            what = f"'{path.suffix}'" if path.suffix else "no extension"
+            raise UserError(
+                f"Cannot tell the export format of --out '{path}' ({what}); give --format or use a .csv, .json, "
+                ".md, .tex or .jsonl file."
+            )
+        fmt = fmt or named
+    fmt = fmt or "csv"
     store = RunStore.open(str(data_dir) if data_dir else None)
     run = store.get_run(run_id)
     target = path or Path(f"{run['id']}.{fmt}")
-    _check_out(target)
-    written = store.export(run["id"], target, fmt)
-    err.print(f"wrote {written}")
+    for written in store.export_files(run["id"], target, fmt, columns=columns):
+        err.print(f"wrote {written}")
 
 
 FormatOpt = Annotated[
-    str, typer.Option("--format", "-f", help="csv, json, md or jsonl (one generation per line).")
+    str | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="csv, json, md, tex or jsonl (one generation per line); default: --out's extension, else csv.",
+    ),
+]
+ColumnsOpt = Annotated[
+    str,
+    typer.Option(
+        "--columns",
+        help="default: the columns a reader needs, with human names, and the run summary; all: every field.",
+    ),
 ]
 
 
 @runs_app.command("export")
 def runs_export(
     run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).")],
-    fmt: FormatOpt = "csv",
+    fmt: FormatOpt = None,
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output file (default: <run id>.<format>).")
     ] = None,
+    columns: ColumnsOpt = "default",
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Export a run's result table (csv, json, md) or its generations (jsonl)."""
-    _export_run(run_id, fmt, out_path, data_dir)
+    """Export a run's result table with its summary (csv, json, md, tex) or its generations (jsonl)."""
+    _export_run(run_id, fmt, out_path, data_dir, columns)
 
 
 @app.command("export")
 def export_cmd(
     run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).")],
-    fmt: FormatOpt = "csv",
+    fmt: FormatOpt = None,
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output file (default: <run id>.<format>).")
     ] = None,
+    columns: ColumnsOpt = "default",
     data_dir: DataDirOpt = None,
 ) -> None:
     """Same as `runs export`."""
-    _export_run(run_id, fmt, out_path, data_dir)
+    _export_run(run_id, fmt, out_path, data_dir, columns)
 
 
 @app.command()
@@ -948,40 +1110,54 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: user errors -> one sentence on stderr and exit code 2."""
-    import click
+    """Console-script entry point.
 
+    The contract scripts rely on: a usage or user error prints one line on stderr and exits 2; Ctrl+C
+    (or SIGTERM) prints "interrupted" with the command that resumes the run, stores the run as
+    cancelled, and exits 130 (143 for SIGTERM); an unexpected error prints one line and exits 1.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:
         args = [a for a in args if a != "--debug"]
-        _DEBUG["on"] = True
+    _DEBUG["on"] = debug
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        _quiet_libraries()
+    signals: list[int] = []
+    with _sigterm_as_interrupt(signals):
+        return _invoke(args, debug, signals)
+
+
+def _invoke(args: list[str], debug: bool, signals: list[int]) -> int:
+    ce = _click_exceptions()
+    aborts = (KeyboardInterrupt, Cancelled, RunInterrupted, typer.Abort, getattr(ce, "Abort", typer.Abort))
+    exits = (typer.Exit, getattr(ce, "Exit", typer.Exit))
+    interrupted = 128 + (signals[-1] if signals else signal.SIGINT)
     try:
         rc = app(args=args, prog_name="detox-tui", standalone_mode=False)
-        return int(rc or 0)
     except UserError as exc:
         if debug:
             err.print_exception()
         _error_line(str(exc))
         return 2
-    except Cancelled:
-        err.print("cancelled; the original weights are restored and finished results are in the run store.")
-        return 130
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        err.print("interrupted; finished results are in the run store.")
-        return 130
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except aborts as exc:
+        _interrupted_line(exc)
+        return interrupted
+    except ce.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `detox-tui runs`: a request for the group's help
+            if exc.format_message().strip():
+                sys.stdout.write(exc.format_message() + "\n")
+            return 0
+        if debug:
+            err.print_exception()
+        _error_line(_usage_message(exc))
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+    except exits as exc:
+        rc = getattr(exc, "exit_code", 0)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one sentence unless --debug
         if debug:
             err.print_exception()
@@ -992,6 +1168,71 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return 1
+    if rc == 130:  # typer's answer to a KeyboardInterrupt outside a run (loading, parsing, printing)
+        _interrupted_line(None)
+        return interrupted
+    return int(rc or 0)
+
+
+def _click_exceptions():
+    """The click exceptions typer raises: its vendored copy of click (typer >= 0.2x) or click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # older typer, which depends on click
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
+
+
+def _usage_message(exc: Exception) -> str:
+    """Click's usage errors as one sentence that names the command and the option or argument."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    possibilities = getattr(exc, "possibilities", None)
+    option = getattr(exc, "option_name", None)
+    if option and possibilities is not None and type(exc).__name__ == "NoSuchOption":
+        message = f"No such option: {option}"
+        if possibilities:
+            message += f" (did you mean {' or '.join(sorted(possibilities))}?)"
+    message = " ".join(message.split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "detox-tui"
+    return f"{where}: {message}; see '{where} --help'."
+
+
+def _interrupted_line(exc: BaseException | None) -> None:
+    """'interrupted' and, when a run was stored, the command that resumes it (one line on stderr)."""
+    run = exc if isinstance(exc, RunInterrupted) else None
+    if run is not None and run.run_id:
+        line = (
+            f"interrupted; run {run.run_id} is stored as cancelled with what finished; resume it with "
+            f"detox-tui {run.command} --resume {run.run_id} (and the same options)"
+        )
+    else:
+        line = "interrupted"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+class _sigterm_as_interrupt:
+    """While the CLI runs in the main thread, SIGTERM raises KeyboardInterrupt as Ctrl+C does, so the
+    engine restores the weights and stores the run as cancelled instead of leaving it "running"."""
+
+    def __init__(self, signals: list[int]):
+        self.signals = signals
+        self.previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _sigterm_as_interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 def _error_line(message: str) -> None:

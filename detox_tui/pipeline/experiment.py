@@ -488,7 +488,7 @@ def _guard(wb: Workbench, run_id_box: list[str], body: Callable[[], RunResult]) 
 
     try:
         return body()
-    except Cancelled:
+    except (Cancelled, KeyboardInterrupt):  # Ctrl+C (and SIGTERM in the CLI) is a cancel, not a failure
         if run_id_box:
             wb.store.set_status(run_id_box[0], "cancelled")
         raise
