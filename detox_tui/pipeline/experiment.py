@@ -42,6 +42,7 @@ from detox_tui.pipeline.records import (
 from detox_tui.pipeline.results import baseline_row
 from detox_tui.pipeline.side_effects import compare_side_effects, measure_reference, ngram_entropy
 from detox_tui.pipeline.store import RunStore
+from detox_tui.pipeline.validation import ValidatedEdit, resolve_hparams, validate_edit
 from detox_tui.pipeline.verdicts import edit_summary, field_metrics, prompt_verdict
 from detox_tui.prompts.base import PromptItem
 
@@ -203,14 +204,7 @@ def _requests(
 
 
 def _hparams(wb: Workbench, cfg: ExperimentConfig, layers: Sequence[int] | None) -> dict[str, Any]:
-    from detox_tui.backends.editing import presets
-
-    editor = get_editor(cfg.method or "")
-    hp = {**editor.default_hparams(wb.lm), **(cfg.hparams or {})}
-    if layers is not None:
-        wb.lm.check_layers(list(layers))
-        hp = presets.apply_layers(cfg.method, hp, list(layers))
-    return presets.validate_hparams(wb.lm, cfg.method, hp)
+    return resolve_hparams(wb.lm, cfg.method or "", cfg.hparams, layers)
 
 
 class _UnionCovariance:
@@ -235,10 +229,6 @@ class _UnionCovariance:
                 cancel=self.cancel,
             )
         return {layer: self._stats[layer] for layer in layers}
-
-
-def _layers_needing_stats(method: str | None) -> bool:
-    return method in ("memit", "rome")
 
 
 @dataclass
@@ -608,8 +598,8 @@ def _evaluate_config(
     key = ",".join(str(x) for x in layers) if layers is not None else ""
     ctx = _edit_context(wb, cfg, emit, cancel, covariance, fx_inputs.neutral_prompts)
     # A request-free method (AurA) makes one edit from its own data that serves every prompt.
-    request_free = bool(getattr(editor, "request_free", False))
-    advice = str(getattr(editor, "convergence_advice", "other layers or hyperparameters"))
+    request_free = bool(editor.request_free)
+    advice = str(editor.convergence_advice)
     protocol = "batch" if request_free else cfg.protocol
     requests = [] if request_free else _requests(items[:n_edit], before[:n_edit], cfg)
     primary = wb.scorer.primary
@@ -758,12 +748,6 @@ def _prepare_edit(
     cancel,
     resume: bool,
 ):
-    if cfg.method is None:
-        raise UserError("No editing method was chosen; use --method memit|rome|ft|dinm|aura.")
-    if holdout and cfg.protocol != "batch":
-        raise UserError(
-            "Held-out prompts need the batch protocol (--batch): under --per-prompt no edit covers them."
-        )
     all_items = items + holdout
     before = _before_rows(wb, run_id, all_items, cfg, table="before", emit=emit, cancel=cancel, resume=resume)
     emit(Log("measuring side-effect reference on the original weights"))
@@ -801,9 +785,13 @@ def run_edit(
     save_delta: str | None = None,
     verify: bool = False,
 ) -> RunResult:
-    """Baseline -> edit (per prompt or batch, always from the original weights) -> after -> side effects."""
+    """Baseline -> edit (per prompt or batch, always from the original weights) -> after -> side effects.
+
+    The configuration is checked first (validate_edit: cheap, no forward pass), so a mistake costs nothing.
+    """
     items = _check_items(prompts)
     held = list(holdout)
+    validate_edit(wb.lm, cfg, items, held)
     box: list[str] = []
 
     def body() -> RunResult:
@@ -895,24 +883,21 @@ def run_ablation(
     wb: Workbench,
     prompts: Sequence[PromptItem],
     cfg: ExperimentConfig,
-    configs: Sequence[Sequence[int]],
+    configs: Sequence[Sequence[int]] | None = None,
     *,
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
     resume: str | None = None,
     verify: bool = False,
 ) -> RunResult:
-    """One edit evaluation per layer configuration, each from the original weights; statistics for the union once."""
+    """One edit evaluation per layer configuration, each from the original weights; statistics for the union once.
+
+    ``configs=None``: default configurations scaled to the model's depth (presets.default_ablation_configs).
+    The configuration is checked first (validate_edit), so a mistake costs nothing.
+    """
     items = _check_items(prompts)
-    configs = [sorted(set(c)) for c in configs]
-    if not configs:
-        raise UserError("No layer configurations were given.")
-    for c in configs:
-        wb.lm.check_layers(c)
-    if cfg.method == "rome" and any(len(c) != 1 for c in configs):
-        raise UserError(
-            "ROME edits exactly one layer; give single-layer configurations, e.g. --configs '4;5;6'."
-        )
+    checked: ValidatedEdit = validate_edit(wb.lm, cfg, items, configs=configs, ablation=True)
+    configs = checked.configs
     box: list[str] = []
 
     def body() -> RunResult:
@@ -925,7 +910,7 @@ def run_ablation(
         )
         union = sorted({layer for c in configs for layer in c})
         covariance = (
-            _UnionCovariance(wb, cfg, union, emit, cancel) if _layers_needing_stats(cfg.method) else None
+            _UnionCovariance(wb, cfg, union, emit, cancel) if checked.editor.needs_covariance else None
         )
         done_edit = wb.store.row_keys(run_id, "edit") if resume else set()
         done_abl = {r["key"]: r for r in wb.store.rows(run_id, "ablation")} if resume else {}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import linear_weight_out_in, to_param_layout
 from detox_tui.errors import UserError
@@ -335,7 +335,7 @@ def cached_expertise(
 # ---------------------------------------------------------------- editor
 
 
-class AuraEditor(PresetHparams):
+class AuraEditor(PresetHparams, Capabilities):
     """AurA: request-free; every unit with AUROC > 0.5 is scaled by 2 (1 - AUROC), folded into the weights.
 
     hparams: pooling (max | mean), modules (both | mlp_in | mlp_out), max_sentences per class, sentences
@@ -345,7 +345,13 @@ class AuraEditor(PresetHparams):
     """
 
     name = "aura"
+    title = "AurA"
+    # An empty list dampens every layer; a list restricts the edit (layer pickers, ablations).
+    layers_key = "layers"
+    layers_optional = True
     request_free = True
+    needs_targets = False
+    optional_hparams = {"layers": []}
     convergence_advice = (
         "more or other toxic/non-toxic sentences (the sentences hyperparameter) or more layers"
     )

@@ -184,14 +184,52 @@ class EditContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class Capabilities:
+    """What an editor needs, declared as class attributes: the engine and both front ends branch on these,
+    never on the method's name (see ``editor_class`` and detox_tui.pipeline.validation)."""
+
+    name: str = ""
+    # How the method is written for people ("MEMIT", "AurA").
+    title: str = ""
+    # The hparams key that holds the edited layers: "layers" (a list) or "layer" (one index).
+    layers_key: str = "layers"
+    # Edits exactly one layer (ROME; DINM when its layer is given): several layers are refused up front.
+    single_layer: bool = False
+    # The layers may be left out: the method locates its own (DINM) or edits every layer (AurA).
+    layers_optional: bool = False
+    # Finds the layer to edit per request (DINM): the located layer is reported per prompt.
+    locates_layer: bool = False
+    # Uses second-moment statistics of the MLP keys (MEMIT, ROME): an ablation computes them once for all.
+    needs_covariance: bool = False
+    # Makes one edit from its own data and ignores the requests (AurA): one edit serves every prompt.
+    request_free: bool = False
+    # Replace mode needs a safe target continuation for every edited prompt.
+    needs_targets: bool = True
+    # Hyperparameters accepted beyond those in the method's preset section, with the value meaning "not set".
+    optional_hparams: Mapping[str, Any] = {}
+    # What to try when an edit does not reach its target (shown with the convergence warning).
+    convergence_advice: str = "other layers or hyperparameters"
+
+
 class Editor(Protocol):
     """Every editing method. ``compute`` returns an EditDelta and leaves the model's weights unchanged.
 
     A method may apply partial updates while it works (MEMIT edits layer by layer) but must restore the
-    original weights before returning or raising, including on cancel.
+    original weights before returning or raising, including on cancel. Its capabilities are the class
+    attributes of ``Capabilities``.
     """
 
     name: str
+    title: str
+    layers_key: str
+    single_layer: bool
+    layers_optional: bool
+    locates_layer: bool
+    needs_covariance: bool
+    request_free: bool
+    needs_targets: bool
+    optional_hparams: Mapping[str, Any]
+    convergence_advice: str
 
     def default_hparams(self, lm: Any) -> dict[str, Any]:
         """The preset for this model (from the presets data), as a plain dict."""
@@ -215,9 +253,9 @@ EDITORS: dict[str, str] = {
 }
 
 
-def get_editor(method: str) -> Editor:
-    """Instantiate an editor by name, with a clear error for unknown or not-yet-available methods."""
-    key = method.lower()
+def editor_class(method: str) -> type[Editor]:
+    """The editor class registered as ``method`` (not instantiated): read its capabilities from it."""
+    key = (method or "").lower()
     if key not in EDITORS:
         raise UserError(f"Unknown editing method '{method}'; choose one of: {', '.join(EDITORS)}.")
     module_name, cls_name = EDITORS[key].split(":")
@@ -227,4 +265,9 @@ def get_editor(method: str) -> Editor:
         if exc.name == module_name:
             raise UserError(f"The editing method '{method}' is not available in this build.") from exc
         raise
-    return getattr(module, cls_name)()
+    return getattr(module, cls_name)
+
+
+def get_editor(method: str) -> Editor:
+    """Instantiate an editor by name, with a clear error for unknown or not-yet-available methods."""
+    return editor_class(method)()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.errors import UserError
 from detox_tui.pipeline.events import Progress, check_cancel
@@ -124,7 +124,7 @@ def _log_probs(lm: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.log_softmax(lm.model(**batch).logits.float(), dim=-1)
 
 
-class DinmEditor(PresetHparams):
+class DinmEditor(PresetHparams, Capabilities):
     """Detoxifying with Knowledge Editing: per request, locate the toxic layer and tune its out-projection.
 
     Requests are edited sequentially: each is located and tuned on the original weights plus the
@@ -136,7 +136,14 @@ class DinmEditor(PresetHparams):
     """
 
     name = "dinm"
+    title = "DINM"
+    # The layer is located per request unless one is given: then exactly one.
+    layers_key = "layer"
+    single_layer = True
+    layers_optional = True
+    locates_layer = True
     request_free = False
+    optional_hparams = {"layer": None}
     convergence_advice = "more steps, a larger lr or nll_weight, or a smaller kl_weight"
 
     def compute(

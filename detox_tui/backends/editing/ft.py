@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.memit import weight_name
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import to_param_layout
@@ -56,7 +56,7 @@ def _rows(lm: Any, requests: Sequence[EditRequest], objective: str):
     return ids.to(lm.device), mask.to(lm.device), t(tgt_rows), t(tgt_pos), t(tgt_ids), t(tgt_req)
 
 
-class FineTuneEditor(PresetHparams):
+class FineTuneEditor(PresetHparams, Capabilities):
     """Adam on the out-projection weights of ``layers``; every weight stays within eps of its original.
 
     The trainable parameter is a float32 delta added through a forward hook (output + x Delta^T), which
@@ -66,6 +66,8 @@ class FineTuneEditor(PresetHparams):
     """
 
     name = "ft"
+    title = "FT"
+    layers_key = "layers"
     request_free = False
     convergence_advice = "more steps, a larger lr, a larger norm_constraint, or other layers"
 

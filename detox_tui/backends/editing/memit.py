@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.common import (
     compute_keys,
     compute_targets,
@@ -51,10 +51,13 @@ def layer_covariances(lm: Any, layers: Sequence[int], ctx: EditContext) -> dict[
     )
 
 
-class MemitEditor(PresetHparams):
+class MemitEditor(PresetHparams, Capabilities):
     """Mass edit of the out-projections of layers R; weights are restored before ``compute`` returns."""
 
     name = "memit"
+    title = "MEMIT"
+    layers_key = "layers"
+    needs_covariance = True
     request_free = False
     convergence_advice = (
         "later or more layers, a larger clamp_norm_factor, a smaller mom2_update_weight, "

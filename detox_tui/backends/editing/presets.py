@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from detox_tui.errors import UserError
 
+# The registered methods (detox_tui.backends.editing.base.EDITORS), listed here for front ends that must not
+# import torch; a test keeps the two equal. What each method needs is its editor's class attributes.
 METHODS: tuple[str, ...] = ("memit", "rome", "ft", "dinm", "aura")
-# Keys a method accepts beyond those in its preset section, with the value that means "not set".
-OPTIONAL_KEYS: dict[str, dict[str, Any]] = {
-    "memit": {},
-    "rome": {},
-    "ft": {},
-    "dinm": {"layer": None},
-    "aura": {"layers": []},
-}
 LAYER_KEYS = ("layer", "v_loss_layer")
 # String hyperparameters that take one of a fixed set of values. ROME's key_form: "consistent" (r-ROME,
 # Gupta et al. 2024, the default in every preset) or "reference" (exactly kmeng01/rome); see rome.py.
@@ -47,6 +42,13 @@ def _check_method(method: str) -> str:
     if key not in METHODS:
         raise UserError(f"Unknown editing method '{method}'; choose one of: {', '.join(METHODS)}.")
     return key
+
+
+def _capabilities(method: str) -> Any:
+    """The editor class of ``method`` (its capabilities are class attributes); imported on first use."""
+    from detox_tui.backends.editing.base import editor_class
+
+    return editor_class(method)
 
 
 def model_key(lm: Any) -> str:
@@ -111,6 +113,8 @@ def _coerce(method: str, key: str, value: Any, reference: Any) -> Any:
     if isinstance(reference, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _kind_error(method, key, value, "a number")
+        if not math.isfinite(value):
+            raise _kind_error(method, key, value, "a finite number")
         return float(value)
     if isinstance(reference, str):
         if not isinstance(value, str):
@@ -139,13 +143,14 @@ def validate_hparams(lm: Any, method: str, hparams: dict[str, Any]) -> dict[str,
     than one layer...).
     """
     method = _check_method(method)
-    schema: dict[str, Any] = {**OPTIONAL_KEYS[method], **load_preset(lm, method)}
+    editor = _capabilities(method)
+    schema: dict[str, Any] = {**copy.deepcopy(dict(editor.optional_hparams)), **load_preset(lm, method)}
     hp = dict(hparams)
-    if method == "rome" and "layers" in hp:
+    if editor.layers_key == "layer" and "layers" in hp:
         layers = hp.pop("layers")
         layers = [layers] if isinstance(layers, int) else list(layers or [])
         if len(layers) != 1:
-            raise UserError(f"ROME edits exactly one layer, but {len(layers)} were given ({layers}).")
+            raise UserError(single_layer_message(editor, layers, "were given"))
         hp["layer"] = layers[0]
     out: dict[str, Any] = {}
     for key, value in hp.items():
@@ -153,6 +158,8 @@ def validate_hparams(lm: Any, method: str, hparams: dict[str, Any]) -> dict[str,
             known = ", ".join(sorted(schema))
             raise UserError(f"Unknown {method} hyperparameter '{key}'; known ones are: {known}.")
         value = _coerce(method, key, value, schema[key])
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _kind_error(method, key, value, "a finite number")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise UserError(f"The {method} hyperparameter '{key}' must not be negative, got {value}.")
         if key in AT_LEAST_ONE and value < 1:
@@ -160,7 +167,7 @@ def validate_hparams(lm: Any, method: str, hparams: dict[str, Any]) -> dict[str,
         if key in LAYER_KEYS and value is not None:
             lm.check_layers([value])
         if key == "layers":
-            if not value and method != "aura":
+            if not value and not editor.layers_optional:
                 raise UserError(f"The {method} hyperparameter 'layers' needs at least one layer.")
             lm.check_layers(value)
         out[key] = value
@@ -169,21 +176,62 @@ def validate_hparams(lm: Any, method: str, hparams: dict[str, Any]) -> dict[str,
     return out
 
 
+def single_layer_message(editor: Any, layers: Any, given: str) -> str:
+    """ "ROME edits exactly one layer, but 2 were given ([4, 5])." for a single-layer editor class."""
+    title = editor.title or editor.name.upper()
+    return f"{title} edits exactly one layer, but {len(layers)} {given} ({list(layers)})."
+
+
 def apply_layers(method: str, hparams: dict[str, Any], layers: list[int]) -> dict[str, Any]:
-    """Set the layers a method edits: "layer" for single-layer methods (rome, dinm), else "layers"."""
+    """Set the layers a method edits under its ``layers_key``: one index for single-layer methods, else a list."""
     method = _check_method(method)
+    editor = _capabilities(method)
     hp = dict(hparams)
     layers = sorted({int(x) for x in layers})
-    if method in ("rome", "dinm"):
-        if len(layers) != 1:
-            raise UserError(
-                f"{method.upper()} edits exactly one layer, but {len(layers)} were given ({layers})."
-            )
+    if editor.single_layer and len(layers) != 1:
+        raise UserError(single_layer_message(editor, layers, "were given"))
+    if editor.layers_key == "layer":
         hp.pop("layers", None)
         hp["layer"] = layers[0]
     else:
+        hp.pop("layer", None)
         hp["layers"] = layers
     return hp
+
+
+def _half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def default_ablation_configs(n_layers: int, single_layer: bool = False) -> list[list[int]]:
+    """Layer configurations for an ablation that scale with the model's depth ``n_layers``.
+
+    The rule (fractions of the depth, rounded half up, clipped to the model):
+    - single layers at 1/6, 1/3 and 1/2 of the depth (early, the end of MEMIT's range, the middle);
+    - around c = n/4, the centre of the MEMIT preset's range scaled to depth (gpt2-medium: layers 4-8 of
+      24, c = 6), the pairs (c-1, c) and (c, c+1) and the triple (c-1, c, c+1), shifted inwards at the
+      model's edges.
+    For 24 layers: 4; 8; 12; 5,6; 6,7; 5,6,7. For a single-layer method (ROME) every layer these name, one
+    at a time (24 layers: 4; 5; 6; 7; 8; 12). Configurations are sorted, distinct and ordered by size, then
+    by layer.
+    """
+    n = int(n_layers)
+    if n < 1:
+        return []
+
+    def window(start: int, size: int) -> tuple[int, ...] | None:
+        if size > n:
+            return None
+        start = min(max(start, 0), n - size)
+        return tuple(range(start, start + size))
+
+    singles = {(min(n - 1, _half_up(n * f)),) for f in (1 / 6, 1 / 3, 1 / 2)}
+    c = min(n - 1, _half_up(n / 4))
+    groups = {w for w in (window(c - 1, 2), window(c, 2), window(c - 1, 3)) if w is not None}
+    configs = singles | groups
+    if single_layer:
+        configs = {(layer,) for cfg in configs for layer in cfg}
+    return [list(cfg) for cfg in sorted(configs, key=lambda cfg: (len(cfg), cfg))]
 
 
 class PresetHparams:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.common import (
     compute_targets,
     context_templates,
@@ -41,10 +41,14 @@ from detox_tui.pipeline.events import check_cancel
 log = logging.getLogger(__name__)
 
 
-class RomeEditor(PresetHparams):
+class RomeEditor(PresetHparams, Capabilities):
     """Single-layer rank-one edits; several requests are applied one after another on the edited model."""
 
     name = "rome"
+    title = "ROME"
+    layers_key = "layer"
+    single_layer = True
+    needs_covariance = True
     request_free = False
     convergence_advice = "another (often later) layer, a larger clamp_norm_factor, or more v_num_grad_steps"
 
