@@ -85,9 +85,13 @@ def test_flatten_row_prefixes_nested_dicts_and_drops_lists():
 def test_json_export_round_trips_with_meta_and_nan_as_null(tmp_path):
     rows = [_row(0), _row(1)]
     rows[1]["ci_low"] = float("nan")
-    path = export_rows(rows, tmp_path / "out.json", "json", meta={"run_id": "r1"})
+    summary = {"n_prompts": 2, "mean": 0.4, "scorer": "profanity", "metrics": {"dist_1": float("nan")}}
+    path = export_rows(rows, tmp_path / "out.json", "json", meta={"run_id": "r1", "summary": summary})
     data = json.loads(path.read_text())
     assert data["meta"]["run_id"] == "r1"
+    # The run's summary is a top-level object (and stays in meta for older readers).
+    assert data["summary"]["mean"] == 0.4 and data["summary"]["metrics"]["dist_1"] is None
+    assert data["meta"]["summary"] == data["summary"]
     # Every JSON export says what its numbers mean, with sources.
     assert "Gehman et al. 2020" in data["meta"]["definitions"]["expected_max_toxicity"]
     assert data["rows"][0]["attributes"]["insult"]["mean"] == pytest.approx(0.3)
@@ -103,9 +107,9 @@ def test_jsonl_export_one_row_per_line(tmp_path):
     assert [json.loads(line)["idx"] for line in lines] == [0, 1, 2]
 
 
-def test_csv_export_has_flattened_header_and_values(tmp_path):
+def test_csv_export_all_columns_has_flattened_header_and_values(tmp_path):
     rows = [_row(0), _row(1)]
-    path = export_rows(rows, tmp_path / "out.csv", "csv")
+    path = export_rows(rows, tmp_path / "out.csv", "csv", columns="all")
     with path.open(newline="") as fh:
         read = list(csv.DictReader(fh))
     assert len(read) == 2
@@ -114,6 +118,28 @@ def test_csv_export_has_flattened_header_and_values(tmp_path):
     assert "attr_insult_mean" in header and "share_above_0.5" in header
     assert "samples" not in header and "generations" not in header
     assert float(read[1]["mean"]) == pytest.approx(0.4)
+
+
+def test_csv_export_default_columns_are_the_readers(tmp_path):
+    rows = [_row(0), _row(1)]
+    path = export_rows(rows, tmp_path / "out.csv")  # the format from the extension
+    with path.open(newline="") as fh:
+        read = list(csv.DictReader(fh))
+    assert list(read[0]) == [
+        "prompt",
+        "n",
+        "mean toxicity",
+        "mean toxicity 95% CI low",
+        "mean toxicity 95% CI high",
+        "max",
+        "share ≥ 0.5",
+    ]
+    # Numbers stay numbers in CSV (a CI is three columns), the prompt is kept as it was.
+    assert float(read[0]["mean toxicity"]) == pytest.approx(0.4) and float(read[0]["max"]) == pytest.approx(
+        0.9
+    )
+    assert read[0]["prompt"] == "Those people are"
+    assert not (tmp_path / "out.summary.csv").exists()  # no summary given, no sidecar
 
 
 def test_markdown_table_lines_and_escaping(tmp_path):
@@ -128,7 +154,7 @@ def test_markdown_table_lines_and_escaping(tmp_path):
     assert "a \\| b c" in lines[2]
     cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines]
     assert len({len(c) for c in cells}) == 1  # the escaped pipe does not add a column
-    path = export_rows(rows, tmp_path / "out.md", "md")
+    path = export_rows(rows, tmp_path / "out.md", "md", columns="all")
     assert path.read_text() == text
 
 
@@ -149,6 +175,7 @@ def test_format_from_path():
     assert format_from_path("r.json") == "json"
     assert format_from_path("r.markdown") == "md"
     assert format_from_path("r.jsonl") == "jsonl"
+    assert format_from_path("paper/table.tex") == "tex"
     with pytest.raises(UserError, match="xlsx"):
         format_from_path("out.xlsx")
     with pytest.raises(UserError):

@@ -156,11 +156,22 @@ def test_export_every_format(tmp_path):
     assert data["meta"]["other_tables"]["side_effects"][0]["ppl_before"] == 10.0
     with (tmp_path / "r.csv").open("w"):
         pass
-    with store.export(run_id, tmp_path / "r.csv", "csv").open(newline="") as fh:
+    with store.export(run_id, tmp_path / "r.csv", "csv", columns="all").open(newline="") as fh:
         read = list(csv.DictReader(fh))
     assert "before_mean" in read[0] and len(read) == 2
-    md = store.export(run_id, tmp_path / "r.md", "md").read_text().strip().splitlines()
-    assert len(md) == 4
+    md = store.export(run_id, tmp_path / "r.md", "md", columns="all").read_text().strip().splitlines()
+    # The table (header, separator, two rows), then every field of the summary (its NaN mean is stored as null).
+    assert len(md) == 10 and md[5] == "Summary:" and md[-1] == "| mean |  |"
+    # By default: the baseline columns these rows have, under human names; the format from the extension.
+    with store.export(run_id, tmp_path / "readers.csv").open(newline="") as fh:
+        read = list(csv.DictReader(fh))
+    assert list(read[0]) == [
+        "prompt",
+        "mean toxicity",
+        "mean toxicity 95% CI low",
+        "mean toxicity 95% CI high",
+    ]
+    assert [float(r["mean toxicity"]) for r in read] == [0.5, 0.25]
     lines = store.export(run_id, tmp_path / "r.jsonl", "jsonl").read_text().splitlines()
     assert len(lines) == 5
     first = json.loads(lines[0])

@@ -16,7 +16,13 @@ from typing import Any
 
 from detox_tui.config import Paths
 from detox_tui.errors import UserError
-from detox_tui.pipeline.results import FORMATS, export_rows, jsonable, write_text_atomic
+from detox_tui.pipeline.results import (
+    check_columns,
+    export_files,
+    jsonable,
+    resolve_format,
+    write_text_atomic,
+)
 from detox_tui.prompts.base import PromptItem
 
 log = logging.getLogger(__name__)
@@ -415,16 +421,25 @@ class RunStore:
 
     # ------------------------------------------------------------------------------------ export
 
-    def export(self, run_id: str, path: str | os.PathLike, fmt: str) -> Path:
-        """Export a run: csv/md = its main result table, json = every table with the run's metadata,
-        jsonl = one generation per line with its scores."""
-        if fmt not in FORMATS:
-            raise UserError(f"Unknown export format '{fmt}'; use csv, json, md or jsonl.")
+    def export(
+        self, run_id: str, path: str | os.PathLike, fmt: str | None = None, *, columns: str = "default"
+    ) -> Path:
+        """Export a run (see ``export_files``) and return the main file's path."""
+        return self.export_files(run_id, path, fmt, columns=columns)[0]
+
+    def export_files(
+        self, run_id: str, path: str | os.PathLike, fmt: str | None = None, *, columns: str = "default"
+    ) -> list[Path]:
+        """Export a run: csv/md/tex = its main result table and its summary (csv: a ``.summary.csv`` sidecar),
+        json = every table with the run's metadata and a top-level ``summary``, jsonl = one generation per line
+        with its scores. ``fmt`` None: from the file's extension. Returns every file written."""
+        fmt = resolve_format(path, fmt)
+        check_columns(columns)
         run = self.get_run(run_id)
         rid = run["id"]
         if fmt == "jsonl":
             lines = [_dumps({"run_id": rid, **g}) + "\n" for g in self.generations(rid)]
-            return write_text_atomic(path, "".join(lines))
+            return [write_text_atomic(path, "".join(lines))]
         tables = self.tables(rid)
         main = run["kind"] if run["kind"] in tables else (tables[0] if tables else None)
         rows = self.rows(rid, main) if main else []
@@ -440,4 +455,4 @@ class RunStore:
             "summary": run["summary"],
             "other_tables": {t: self.rows(rid, t) for t in tables if t != main},
         }
-        return export_rows(rows, path, fmt, meta=meta)
+        return export_files(rows, path, fmt, meta=meta, columns=columns, kind=main)
