@@ -64,6 +64,15 @@ TAB_FOCUS: dict[str, str] = {
     "log": "#run-log",
 }
 
+# How the engine's validation (pipeline.validation.validate_edit) names the app's controls in its messages.
+APP_NAMES: dict[str, str] = {
+    "method": "the method",
+    "mode": "the mode",
+    "erase": "the erase mode",
+    "layers": "the layer selection",
+    "configs": "ablation list",
+}
+
 # (action, title, help) for the command palette; every one also has a key binding.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("baseline", "Run baseline", "Sample and score the selected prompts on the original model"),
@@ -350,22 +359,22 @@ class DetoxApp(App[None]):
     def _edit_layers(self, method: str) -> list[int] | None:
         layers = self.query_one(LayerPicker).selected_layers
         if not layers:
-            if method in ("dinm", "aura"):
-                return None  # DINM locates its layer per prompt; AurA uses the preset's modules
+            from detox_tui.backends.editing.base import editor_class
+
+            if editor_class(method).layers_optional:
+                return None  # DINM locates its layer per prompt; AurA dampens every layer
             raise UserError("Select at least one layer in the Layers & Method tab (or pick a preset).")
         return layers
 
-    def _check_edit_config(self, cfg: ExperimentConfig, layer_sets: Iterable[list[int] | None]) -> None:
-        """Validate the hyperparameters with every layer set before anything runs (cheap, no forward pass)."""
-        from detox_tui.backends.editing.presets import apply_layers, load_preset, validate_hparams
+    def _check_edit_config(
+        self, cfg: ExperimentConfig, items: list[PromptItem], configs: list[list[int]] | None = None
+    ) -> None:
+        """The engine's validation of the edit (``configs``: an ablation) before anything runs; no forward pass."""
+        from detox_tui.pipeline.validation import validate_edit
 
-        lm = self.workbench.lm
-        for layers in layer_sets:
-            hp = {**load_preset(lm, cfg.method), **cfg.hparams}
-            if layers is not None:
-                lm.check_layers(list(layers))
-                hp = apply_layers(cfg.method, hp, list(layers))
-            validate_hparams(lm, cfg.method, hp)
+        validate_edit(
+            self.workbench.lm, cfg, items, configs=configs, ablation=configs is not None, names=APP_NAMES
+        )
 
     def _start(self, kind: str, items: list[PromptItem], cfg: ExperimentConfig, extra: Any = None) -> None:
         self.running = kind
@@ -405,7 +414,7 @@ class DetoxApp(App[None]):
             items = self._selected_prompts()
             layers = self._edit_layers(form.method)
             cfg = self._config(form.method, layers)
-            self._check_edit_config(cfg, [layers])
+            self._check_edit_config(cfg, items)
         except UserError as exc:
             self._error(str(exc))
             return
@@ -424,7 +433,7 @@ class DetoxApp(App[None]):
                     "The ablation list is empty; add layer configurations in the Layers & Method tab."
                 )
             cfg = self._config(form.method, None)
-            self._check_edit_config(cfg, configs)
+            self._check_edit_config(cfg, items, configs)
         except UserError as exc:
             self._error(str(exc))
             return

@@ -29,6 +29,10 @@ def prompts(n: int = 2, target: str | None = " fine.") -> list[PromptItem]:
     return [PromptItem(f"Prompt number {i} says", target=target) for i in range(n)]
 
 
+def _forbidden(*args, **kwargs):
+    raise AssertionError("work started before the configuration was validated")
+
+
 @pytest.fixture
 def workbench(tiny_model_dir, tmp_path, monkeypatch):
     """A workbench on the untrained 4-layer model whose generation, scoring and statistics fail if reached."""
@@ -36,14 +40,10 @@ def workbench(tiny_model_dir, tmp_path, monkeypatch):
     from detox_tui.pipeline import experiment
 
     wb = experiment.Workbench.load(config(tiny_model_dir), data_dir=str(tmp_path / "home"))
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the configuration was validated")
-
-    monkeypatch.setattr(experiment, "generate_continuations", forbidden)
-    monkeypatch.setattr(experiment, "measure_reference", forbidden)
-    monkeypatch.setattr(stats, "covariance", forbidden)
-    monkeypatch.setattr(wb.scorer, "score", forbidden)
+    monkeypatch.setattr(experiment, "generate_continuations", _forbidden)
+    monkeypatch.setattr(experiment, "measure_reference", _forbidden)
+    monkeypatch.setattr(stats, "covariance", _forbidden)
+    monkeypatch.setattr(wb.scorer, "score", _forbidden)
     return wb
 
 
@@ -269,3 +269,47 @@ def test_covariance_is_computed_only_for_methods_that_declare_it(insult_model_di
     monkeypatch.setattr(editor_class("ft"), "needs_covariance", True)
     experiment.run_ablation(wb, [PromptItem("Those people are", target=" kind")], cfg, [[1]])
     assert created == [[1]]
+
+
+# ------------------------------------------------------------------ the app calls the same check
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_app_refuses_rome_on_two_layers_with_a_notification_before_any_work(
+    insult_model_dir, tmp_path, monkeypatch
+):
+    from detox_tui.pipeline import experiment
+    from detox_tui.widgets.layer_picker import LayerPicker
+    from detox_tui.widgets.method_form import MethodForm
+    from tests.app_harness import make_app, wait_loaded
+
+    app = make_app(insult_model_dir, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_loaded(pilot)
+        monkeypatch.setattr(experiment, "generate_continuations", _forbidden)
+        await pilot.press("2")
+        app.query_one(MethodForm).set_method("rome")
+        await pilot.pause()
+        picker = app.query_one(LayerPicker)
+        picker.set_layers([1, 2])
+        app.set_focus(None)
+        await pilot.press("e")
+        await pilot.pause()
+        assert app.running is None
+        messages = [n.message for n in app._notifications]
+        assert any(
+            m.startswith("ROME edits exactly one layer, but 2 were given in the layer selection")
+            for m in messages
+        ), messages
+        # An ablation list with a pair is refused the same way, naming the list.
+        picker.configs = [[1], [1, 2]]
+        await pilot.press("a")
+        await pilot.pause()
+        assert app.running is None
+        assert any("the ablation list entry '1,2' has 2" in n.message for n in app._notifications)
+        assert app.workbench.store.list_runs() == []
