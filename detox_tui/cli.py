@@ -607,6 +607,7 @@ def edit(
     _before_model_work(run.threads)
     from detox_tui.console import edit_table, summary_lines
     from detox_tui.pipeline.experiment import run_edit
+    from detox_tui.pipeline.validation import validate_edit
 
     cfg = run.config(**ed.fields(_parse_layers(layers), holdout))
     _apply_eval_protocol(ctx, cfg, run.protocol)
@@ -614,8 +615,8 @@ def edit(
     items = _load_items(run.prompts, run.limit)
     held = _load_items(holdout, None) if holdout else []
     wb = _workbench(cfg, run.data_dir, run.as_json)
-    if cfg.layers:
-        wb.lm.check_layers(cfg.layers)
+    # Method, layers, hyperparameters and prompts checked against the model: one line, before any generation.
+    validate_edit(wb.lm, cfg, items, held)
     verify = ed.verify_weights or _DEBUG["on"]
     result = _run_engine(
         lambda emit, cancel: run_edit(
@@ -658,11 +659,6 @@ def edit(
     console.print(f"run {result.run_id}")
 
 
-# Until the engine picks configurations that scale with the model's depth (run_ablation(configs=None)),
-# an ablation without --configs uses this fixed set (it suits 12+ layer models such as gpt2-medium).
-_FIXED_ABLATION_CONFIGS = "1;5;6;5,6;6,7;4,5,6"
-
-
 @app.command()
 @with_options
 def ablate(
@@ -683,15 +679,16 @@ def ablate(
     _before_model_work(run.threads)
     from detox_tui.console import ablation_table
     from detox_tui.pipeline.experiment import parse_configs, run_ablation
+    from detox_tui.pipeline.validation import validate_edit
 
-    config_list = parse_configs(configs if configs is not None else _FIXED_ABLATION_CONFIGS)
+    # None: configurations scaled to the model's depth (presets.default_ablation_configs).
+    config_list = parse_configs(configs) if configs is not None else None
     cfg = run.config(**ed.fields(None))
     _apply_eval_protocol(ctx, cfg, run.protocol)
     _check_out(run.out)
     items = _load_items(run.prompts, run.limit)
     wb = _workbench(cfg, run.data_dir, run.as_json)
-    for c in config_list:
-        wb.lm.check_layers(c)
+    validate_edit(wb.lm, cfg, items, configs=config_list, ablation=True)  # one line, before any generation
     verify = ed.verify_weights or _DEBUG["on"]
     result = _run_engine(
         lambda emit, cancel: run_ablation(
@@ -1136,7 +1133,10 @@ def _invoke(args: list[str], debug: bool, signals: list[int]) -> int:
     ce = _click_exceptions()
     aborts = (KeyboardInterrupt, Cancelled, RunInterrupted, typer.Abort, getattr(ce, "Abort", typer.Abort))
     exits = (typer.Exit, getattr(ce, "Exit", typer.Exit))
-    interrupted = 128 + (signals[-1] if signals else signal.SIGINT)
+
+    def interrupted() -> int:  # 130 for Ctrl+C, 143 for SIGTERM, as shells report them
+        return 128 + int(signals[-1] if signals else signal.SIGINT)
+
     try:
         rc = app(args=args, prog_name="detox-tui", standalone_mode=False)
     except UserError as exc:
@@ -1146,7 +1146,7 @@ def _invoke(args: list[str], debug: bool, signals: list[int]) -> int:
         return 2
     except aborts as exc:
         _interrupted_line(exc)
-        return interrupted
+        return interrupted()
     except ce.ClickException as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `detox-tui runs`: a request for the group's help
             if exc.format_message().strip():
@@ -1170,7 +1170,7 @@ def _invoke(args: list[str], debug: bool, signals: list[int]) -> int:
         return 1
     if rc == 130:  # typer's answer to a KeyboardInterrupt outside a run (loading, parsing, printing)
         _interrupted_line(None)
-        return interrupted
+        return interrupted()
     return int(rc or 0)
 
 
