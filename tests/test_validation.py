@@ -313,3 +313,61 @@ async def test_app_refuses_rome_on_two_layers_with_a_notification_before_any_wor
         assert app.running is None
         assert any("the ablation list entry '1,2' has 2" in n.message for n in app._notifications)
         assert app.workbench.store.list_runs() == []
+
+
+# ------------------------------------------------------------------ the CLI calls the same check
+
+
+CLI_BAD = [
+    (["ablate", "--configs", "1;1,5"], ["Layer 5 in the --configs entry '1,5'", "leave --configs out"]),
+    (["ablate", "--method", "rome", "--configs", "1;1,2"], ["ROME edits exactly one layer", "--configs"]),
+    (["edit", "--method", "rome", "--layers", "1,2"], ["ROME edits exactly one layer", "--layers 1"]),
+    (["edit", "--layers", "1", "--hparam", "v_lr=1e999"], ["'v_lr'", "finite"]),
+    (["edit", "--layers", "1", "--holdout", "PROMPTS"], ["--holdout", "--batch"]),
+]
+
+
+@pytest.mark.parametrize("args, words", CLI_BAD)
+def test_cli_refuses_bad_edits_in_one_line_before_any_work(
+    capsys, tiny_model_dir, tmp_path, monkeypatch, args, words
+):
+    from detox_tui.cli import main
+    from detox_tui.pipeline import experiment
+    from detox_tui.pipeline.store import RunStore
+
+    monkeypatch.setattr(experiment, "generate_continuations", _forbidden)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Those people are", "target": " kind"}\n')
+    args = [str(prompts) if a == "PROMPTS" else a for a in args]
+    home = tmp_path / "home"
+    common = ["--model", str(tiny_model_dir), "--scorer", "profanity", "--device", "cpu"]
+    rc = main([*args, *common, "--prompts", str(prompts), "--data-dir", str(home)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "\n" not in err and "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+    assert RunStore.open(str(home)).list_runs() == []
+
+
+def test_cli_ablate_without_configs_scales_to_a_4_layer_model(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """The default --configs (none) no longer fails on a small model: the engine picks configurations in range."""
+    from detox_tui.cli import main
+    from detox_tui.pipeline import experiment
+
+    seen = []
+
+    def stop_at_run(wb, prompts, cfg, configs=None, **kwargs):
+        checked = validate_edit(wb.lm, cfg, prompts, configs=configs, ablation=True)
+        seen.append(checked.configs)
+        raise UserError("stopped before the work for this test.")
+
+    monkeypatch.setattr(experiment, "run_ablation", stop_at_run)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Those people are", "target": " kind"}\n')
+    rc = main(
+        ["ablate", "--model", str(tiny_model_dir), "--scorer", "profanity", "--device", "cpu"]
+        + ["--prompts", str(prompts), "--data-dir", str(tmp_path / "home")]
+    )
+    assert rc == 2 and "stopped before the work" in capsys.readouterr().err
+    assert seen == [presets.default_ablation_configs(4)]
