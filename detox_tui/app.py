@@ -84,7 +84,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("ablation", "Run ablation", "One edit per layer configuration in the ablation list"),
     ("trace", "Run causal trace", "Trace which layers carry the continuation (Trace tab)"),
     ("cancel", "Cancel run", "Stop the running job at the next step; weights are restored"),
-    ("export", "Export table", "Write the current results table to CSV, JSON or Markdown"),
+    ("export", "Export table", "Write the current results table to CSV, JSON, Markdown or LaTeX"),
     ("detail", "Prompt detail", "Generations before and after for the highlighted row"),
     ("select_all", "Select all prompts", "Select every prompt the filter shows"),
     ("select_none", "Select no prompts", "Deselect every prompt the filter shows"),
@@ -655,7 +655,7 @@ class DetoxApp(App[None]):
         def write(request: ExportRequest | None) -> None:
             if request is None:
                 return
-            from detox_tui.pipeline.results import export_rows
+            from detox_tui.pipeline.results import export_files
 
             meta = {
                 "run_id": run_id,
@@ -664,12 +664,17 @@ class DetoxApp(App[None]):
                 "summary": self.current_run.get("summary") or {},
             }
             try:
-                path = export_rows(rows, request.path, request.fmt, meta=meta, overwrite=True)
+                # A clash between the format and the file's extension is refused here too (a UserError).
+                paths = export_files(
+                    rows, request.path, request.fmt, meta=meta, overwrite=True, columns=request.columns
+                )
             except UserError as exc:
                 self._error(str(exc))
                 return
-            self.query_one(RunLog).log_message(f"exported {len(rows)} rows to {path}")
-            self.notify(f"Wrote {len(rows)} rows to {path}.")
+            path = paths[0]
+            also = f" (summary in {paths[1].name})" if len(paths) > 1 else ""
+            self.query_one(RunLog).log_message(f"exported {len(rows)} rows to {path}{also}")
+            self.notify(f"Wrote {len(rows)} rows to {path}{also}.")
 
         self.push_screen(ExportDialog(default), write)
 

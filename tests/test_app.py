@@ -7,7 +7,7 @@ import json
 import pytest
 
 from detox_tui.backends.models import weights_fingerprint
-from detox_tui.widgets.export_dialog import ExportDialog
+from detox_tui.widgets.export_dialog import ExportDialog, ExportRequest
 from detox_tui.widgets.layer_picker import LayerPicker, LayerToggles
 from detox_tui.widgets.method_form import MethodForm
 from detox_tui.widgets.prompt_detail import PromptDetail
@@ -271,6 +271,33 @@ async def test_export_writes_file_and_asks_before_overwriting(insult_model_dir, 
         await pilot.pause()
         assert not isinstance(app.screen, ExportDialog)
         assert json.loads(target.read_text())["rows"]
+
+        # Typing a .md path with the format left at csv switches the format: Markdown, never CSV, in a .md file.
+        await pilot.press("x")
+        assert str(app.screen.query_one("#export-format").value) == "csv"
+        assert str(app.screen.query_one("#export-columns").value) == "default"
+        app.screen.query_one("#export-path").value = str(tmp_path / "table.md")
+        await pilot.pause()
+        assert str(app.screen.query_one("#export-format").value) == "md"
+        await pilot.press("enter")
+        await pilot.pause()
+        text = (tmp_path / "table.md").read_text()
+        assert text.startswith("| prompt | n | mean toxicity [95% CI] | max | share ≥ 0.5 |")
+        assert "Summary:" in text and "| EMT | " in text and "Definitions:" in text
+
+        # A format that clashes with the extension is refused with a notification; nothing is written.
+        await pilot.press("x")
+        dialog = app.screen
+        dialog.query_one("#export-path").value = str(tmp_path / "paper.tex")
+        await pilot.pause()
+        assert str(dialog.query_one("#export-format").value) == "tex"
+        dialog.query_one("#export-format").value = "csv"  # the path follows: paper.csv
+        await pilot.pause()
+        assert dialog.query_one("#export-path").value == str(tmp_path / "paper.csv")
+        dialog.dismiss(ExportRequest(str(tmp_path / "clash.md"), "csv"))
+        await pilot.pause()
+        assert not (tmp_path / "clash.md").exists()
+        assert any("clashes" in str(n.message) for n in app._notifications)
 
 
 @pytest.mark.parametrize("missing", ["no-such-model-dir"])

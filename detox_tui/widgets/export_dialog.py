@@ -1,4 +1,4 @@
-"""Export dialog: path (prefilled) and format; asks before overwriting an existing file."""
+"""Export dialog: path (prefilled), format (follows the extension typed) and columns; asks before overwriting."""
 
 from __future__ import annotations
 
@@ -12,19 +12,33 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
-FORMATS = ("csv", "json", "md")
+from detox_tui.pipeline.results import FORMATS, suffix_format
+from detox_tui.pipeline.tables import COLUMN_CHOICES
+
+COLUMN_LABELS = {"default": "for readers", "all": "every field"}
 
 
 @dataclass
 class ExportRequest:
     path: str
     fmt: str
+    columns: str = "default"
 
 
 def with_format(path: str, fmt: str) -> str:
-    """``path`` with its suffix switched to ``fmt`` (results.csv + json -> results.json)."""
+    """``path`` with its suffix switched to ``fmt`` (results.csv + json -> results.json); other suffixes stay."""
     p = Path(path)
-    return str(p.with_suffix("." + fmt)) if p.suffix.lstrip(".") in FORMATS or not p.suffix else path
+    if p.suffix.lstrip(".").lower() in FORMATS or not p.suffix:
+        return str(p.with_suffix("." + fmt)) if p.name else path
+    return path
+
+
+def clash(path: str, fmt: str) -> str | None:
+    """One sentence when the file's extension names another format than ``fmt``, else None."""
+    named = suffix_format(path)
+    if named is not None and named != fmt:
+        return f"{Path(path).name} is a .{named} file but the format is {fmt}; change one of them."
+    return None
 
 
 class ExportDialog(ModalScreen[ExportRequest | None]):
@@ -32,10 +46,11 @@ class ExportDialog(ModalScreen[ExportRequest | None]):
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, default_path: str, fmt: str = "csv") -> None:
+    def __init__(self, default_path: str, fmt: str | None = None, columns: str = "default") -> None:
         super().__init__()
         self.default_path = default_path
-        self.fmt = fmt
+        self.fmt = fmt or suffix_format(default_path) or "csv"
+        self.columns = columns
         self._confirm_for: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -48,6 +63,15 @@ class ExportDialog(ModalScreen[ExportRequest | None]):
                     value=self.fmt,
                     allow_blank=False,
                     id="export-format",
+                    compact=True,
+                )
+            with Horizontal(classes="row"):
+                yield Label("columns", classes="field-label")
+                yield Select(
+                    [(COLUMN_LABELS.get(c, c), c) for c in COLUMN_CHOICES],
+                    value=self.columns,
+                    allow_blank=False,
+                    id="export-columns",
                     compact=True,
                 )
             yield Input(
@@ -68,31 +92,41 @@ class ExportDialog(ModalScreen[ExportRequest | None]):
         self._confirm_for = None
 
     @on(Input.Changed, "#export-path")
-    def _path_changed(self) -> None:
+    def _path_changed(self, event: Input.Changed) -> None:
         self._confirm_for = None
         self.query_one("#export-warning", Label).update("")
         self.query_one("#export-ok", Button).label = "Export"
+        # The format follows the extension typed (table.md -> md), so a .md file never receives CSV.
+        named = suffix_format(event.value.strip())
+        select = self.query_one("#export-format", Select)
+        if named is not None and select.value != named:
+            select.value = named
 
     @on(Input.Submitted, "#export-path")
     @on(Button.Pressed, "#export-ok")
     def _ok(self) -> None:
         path = self.query_one("#export-path", Input).value.strip()
         fmt = str(self.query_one("#export-format", Select).value)
+        columns = str(self.query_one("#export-columns", Select).value)
+        warning = self.query_one("#export-warning", Label)
         if not path:
-            self.query_one("#export-warning", Label).update("Type a path first.")
+            warning.update("Type a path first.")
+            return
+        problem = clash(path, fmt)
+        if problem:
+            warning.update(problem)
+            self.notify(problem, severity="error")
             return
         target = Path(path).expanduser()
         if target.is_dir():
-            self.query_one("#export-warning", Label).update(f"{target} is a folder; type a file name.")
+            warning.update(f"{target} is a folder; type a file name.")
             return
         if target.exists() and self._confirm_for != str(target):
             self._confirm_for = str(target)
-            self.query_one("#export-warning", Label).update(
-                f"{target.name} exists: press Enter (or Overwrite) again to replace it."
-            )
+            warning.update(f"{target.name} exists: press Enter (or Overwrite) again to replace it.")
             self.query_one("#export-ok", Button).label = "Overwrite"
             return
-        self.dismiss(ExportRequest(str(target), fmt))
+        self.dismiss(ExportRequest(str(target), fmt, columns))
 
     @on(Button.Pressed, "#export-cancel")
     def action_cancel(self) -> None:
