@@ -26,7 +26,7 @@ from detox_tui.config import (
     ScoringConfig,
 )
 from detox_tui.errors import Cancelled, UserError
-from detox_tui.pipeline.events import Event, Failed, Finished, Log, Progress, RowReady
+from detox_tui.events import Event, Failed, Finished, Log, Progress, RowReady
 from detox_tui.prompts.base import PromptItem
 from detox_tui.widgets.ablation_chart import AblationChart
 from detox_tui.widgets.export_dialog import ExportDialog, ExportRequest

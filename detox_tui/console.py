@@ -17,8 +17,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from detox_tui.pipeline.events import Event, Failed, Log
-from detox_tui.pipeline.events import Progress as ProgressEvent
+from detox_tui.events import Event, Failed, Log
+from detox_tui.events import Progress as ProgressEvent
 
 
 class EventRenderer:

@@ -1,4 +1,8 @@
-"""Events the engine reports through a callback; front ends (CLI, TUI) render them."""
+"""Events the engine reports through a callback; front ends (CLI, TUI) render them.
+
+The lowest layer: it imports only the standard library and detox_tui.errors, so backends and pipeline
+both import it downward (tests/test_layering.py holds the rule).
+"""
 
 from __future__ import annotations
 

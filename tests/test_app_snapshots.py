@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from detox_tui.pipeline.events import Finished, Progress, RowReady
+from detox_tui.events import Finished, Progress, RowReady
 from detox_tui.pipeline.metrics import summarize
 from detox_tui.pipeline.records import EditCheck, EditRow, ScoreSummary, SideEffects
 from detox_tui.pipeline.verdicts import edit_summary, field_metrics, prompt_verdict

@@ -9,7 +9,7 @@ import pytest
 from detox_tui.backends.models import weights_fingerprint
 from detox_tui.config import ExperimentConfig, GenerationConfig, ModelConfig, ScoringConfig, SideEffectConfig
 from detox_tui.errors import Cancelled, UserError
-from detox_tui.pipeline.events import Finished, Progress, RowReady
+from detox_tui.events import Finished, Progress, RowReady
 from detox_tui.prompts.base import PromptItem
 from detox_tui.tiny import HELDOUT_PROMPTS, INSULT_PAIRS
 

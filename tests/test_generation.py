@@ -9,7 +9,7 @@ import torch
 
 from detox_tui.config import GenerationConfig
 from detox_tui.errors import Cancelled, UserError
-from detox_tui.pipeline.events import Progress
+from detox_tui.events import Progress
 from detox_tui.pipeline.generation import continuation_logprob, generate_continuations
 from detox_tui.tiny import HELDOUT_PROMPTS, INSULT_PAIRS
 

@@ -13,7 +13,7 @@ from detox_tui.backends.editing.memit import MemitEditor
 from detox_tui.backends.models import weights_fingerprint
 from detox_tui.backends.stats import covariance
 from detox_tui.errors import Cancelled, UserError
-from detox_tui.pipeline.events import Progress
+from detox_tui.events import Progress
 from detox_tui.tiny import INSULT_PAIRS, neutral_lines
 
 # The tiny model has never seen the safe targets, so beyond their first token they are unreachable by

@@ -9,7 +9,7 @@ import torch
 
 from detox_tui.backends.stats import _CHUNK_TOKENS, covariance, covariance_per_layer, default_stats_tokens
 from detox_tui.errors import Cancelled, UserError
-from detox_tui.pipeline.events import Progress
+from detox_tui.events import Progress
 from detox_tui.tiny import neutral_lines
 
 

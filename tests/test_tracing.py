@@ -11,7 +11,7 @@ import torch
 
 from detox_tui.backends.tracing import TraceResult, noise_level, peak_layers, trace, window_layers
 from detox_tui.errors import Cancelled, UserError
-from detox_tui.pipeline.events import Progress
+from detox_tui.events import Progress
 
 PROMPT = "People from that town are all"
 

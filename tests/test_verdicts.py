@@ -124,7 +124,7 @@ def test_a_zero_edit_detoxifies_nothing_and_names_every_request(workbench, insul
 
 
 def test_an_edit_with_a_huge_lambda_reports_zero_and_not_converged(workbench, insult_model_dir):
-    from detox_tui.pipeline.events import Log
+    from detox_tui.events import Log
     from detox_tui.pipeline.experiment import run_edit
 
     hp = {**TINY_MEMIT, "mom2_update_weight": 1e12}
@@ -304,7 +304,7 @@ def test_a_prompt_with_markup_in_the_convergence_warning_prints_as_text():
     from rich.console import Console
 
     from detox_tui.console import EventRenderer, summary_lines
-    from detox_tui.pipeline.events import Log
+    from detox_tui.events import Log
 
     note = "1 of 1 edits did not reach their target (#0 'They are [/] [bold]x'); try later layers."
     buf = io.StringIO()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from detox_tui.errors import UserError
-from detox_tui.pipeline.events import EventCallback, Log, Progress, check_cancel, null_callback
+from detox_tui.events import EventCallback, Log, Progress, check_cancel, null_callback
 
 log = logging.getLogger(__name__)
 

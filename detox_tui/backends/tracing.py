@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from detox_tui.errors import UserError
-from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
+from detox_tui.events import EventCallback, Progress, check_cancel, null_callback
 
 log = logging.getLogger(__name__)
 

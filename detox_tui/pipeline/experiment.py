@@ -15,8 +15,7 @@ from detox_tui.backends.models import LoadedModel, load_model, weights_fingerpri
 from detox_tui.backends.scorers.base import Scorer
 from detox_tui.config import ExperimentConfig, Paths
 from detox_tui.errors import UserError
-from detox_tui.pipeline.checks import mean_logp, probe_check, request_checks, request_logps
-from detox_tui.pipeline.events import (
+from detox_tui.events import (
     EventCallback,
     Finished,
     Log,
@@ -25,6 +24,7 @@ from detox_tui.pipeline.events import (
     check_cancel,
     null_callback,
 )
+from detox_tui.pipeline.checks import mean_logp, probe_check, request_checks, request_logps
 from detox_tui.pipeline.generation import PromptGenerations, generate_continuations
 from detox_tui.pipeline.metrics import summarize
 from detox_tui.pipeline.records import (

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from detox_tui.backends.models import LoadedModel, pad_batch
-from detox_tui.pipeline.events import check_cancel
+from detox_tui.events import check_cancel
 from detox_tui.pipeline.generation import _encode, _prompt_ids, context_length, token_logprobs
 
 # DExperts keeps a generation's perplexity only when it is below this ("for sanity").

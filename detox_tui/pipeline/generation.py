@@ -14,7 +14,7 @@ import torch
 from detox_tui.backends.models import LoadedModel, pad_batch
 from detox_tui.config import GenerationConfig
 from detox_tui.errors import UserError
-from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
+from detox_tui.events import EventCallback, Progress, check_cancel, null_callback
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import linear_weight_out_in, to_param_layout
 from detox_tui.errors import UserError
-from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
+from detox_tui.events import EventCallback, Progress, check_cancel, null_callback
 
 log = logging.getLogger(__name__)
 

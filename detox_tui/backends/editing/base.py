@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from detox_tui.errors import UserError
-from detox_tui.pipeline.events import EventCallback, null_callback
+from detox_tui.events import EventCallback, null_callback
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from detox_tui.backends.editing.base import EditRequest
 from detox_tui.backends.models import pad_batch
 from detox_tui.errors import UserError
-from detox_tui.pipeline.events import EventCallback, Progress, check_cancel, null_callback
+from detox_tui.events import EventCallback, Progress, check_cancel, null_callback
 
 log = logging.getLogger(__name__)
 

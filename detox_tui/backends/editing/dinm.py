@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.errors import UserError
-from detox_tui.pipeline.events import Progress, check_cancel
+from detox_tui.events import Progress, check_cancel
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from detox_tui.backends.editing.memit import weight_name
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import to_param_layout
 from detox_tui.errors import UserError
-from detox_tui.pipeline.events import Progress, check_cancel
+from detox_tui.events import Progress, check_cancel
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from detox_tui.backends.editing.common import (
 )
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import to_param_layout
-from detox_tui.pipeline.events import Progress, check_cancel
+from detox_tui.events import Progress, check_cancel
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from detox_tui.backends.editing.common import (
 from detox_tui.backends.editing.memit import layer_covariances, linalg_device, weight_name
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.backends.models import linear_weight_out_in, to_param_layout
-from detox_tui.pipeline.events import check_cancel
+from detox_tui.events import check_cancel
 
 log = logging.getLogger(__name__)
 
