@@ -1175,7 +1175,7 @@ def _invoke(args: list[str], debug: bool, signals: list[int]) -> int:
 
 
 def _click_exceptions():
-    """The click exceptions typer raises: its vendored copy of click (typer >= 0.2x) or click itself."""
+    """The click exceptions typer raises: its vendored copy of click (typer >= 0.26) or click itself."""
     try:
         from typer._click import exceptions
     except ImportError:  # older typer, which depends on click
