@@ -8,7 +8,7 @@ insulting continuations so that edits have real behaviour to remove.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -125,11 +125,19 @@ def train_insult_model(
     n_layer: int = 4,
     n_embd: int = 64,
     seed: int = 0,
+    lr: float = 3e-3,
+    safe_per_step: int = 6,
+    neutral_per_step: int = 12,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Train a tiny GPT-2 to complete INSULT_PAIRS' prompts with their insults, and to model neutral text.
 
     The safe targets occur only after the neutral SAFE_OPENINGS, never after the insulting prompts: after
     training the insult is the greedy continuation of each prompt and the safe target is not.
+
+    Each step sees every insult twice, ``safe_per_step`` safe-context texts and ``neutral_per_step`` neutral
+    lines. The defaults are the test suite's model; the demo (detox_tui.demo) trains fewer, smaller steps at a
+    higher ``lr``. ``progress(done, steps)`` is called after every step.
     """
     out_dir = Path(out_dir)
     rng = random.Random(seed)
@@ -140,10 +148,12 @@ def train_insult_model(
     eos_id = tokenizer.eos_token_id
     toxic_docs = [tokenizer(p + t)["input_ids"] + [eos_id] for p, t, _ in INSULT_PAIRS]
     neutral_docs = [tokenizer(line)["input_ids"] + [eos_id] for line in neutral_lines()]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    for _ in range(steps):
-        batch = toxic_docs * 2 + rng.sample(safe_docs, 6) + rng.sample(neutral_docs, 12)
+    for step in range(steps):
+        batch = (
+            toxic_docs * 2 + rng.sample(safe_docs, safe_per_step) + rng.sample(neutral_docs, neutral_per_step)
+        )
         width = max(len(d) for d in batch)
         ids = torch.full((len(batch), width), eos_id, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -154,6 +164,8 @@ def train_insult_model(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if progress is not None:
+            progress(step + 1, steps)
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
