@@ -129,6 +129,11 @@ class DetoxApp(App[None]):
         device: str = "auto",
         dtype: str = "auto",
         data_dir: str | None = None,
+        method: str | None = None,
+        layers: list[int] | None = None,
+        hparams: dict[str, Any] | None = None,
+        run_settings: dict[str, Any] | None = None,
+        ablation: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -137,6 +142,13 @@ class DetoxApp(App[None]):
         self.device_name = device
         self.dtype_name = dtype
         self.data_dir = data_dir
+        # Initial settings prefilled once the model loads (the demo's): method, its layers and hyperparameters,
+        # run settings and the ablation list; None leaves the preset's.
+        self.initial_method = method
+        self.initial_layers = layers
+        self.initial_hparams = hparams
+        self.initial_run_settings = run_settings
+        self.initial_ablation = ablation
         self.workbench: Any = None  # detox_tui.pipeline.experiment.Workbench once loaded
         self.load_error: str | None = None
         self.cancel_event = threading.Event()
@@ -184,6 +196,8 @@ class DetoxApp(App[None]):
         self.query_one(RunLog).log_message(f"loading {self.model_name} with the {self.scorer_name} scorer")
         self.load_prompts_worker()
         self.load_workbench_worker(self._base_config())
+        if self.initial_run_settings:
+            self.query_one(MethodForm).set_run_settings(self.initial_run_settings)
         self.query_one("#prompt-list").focus()
 
     def _short_model(self) -> str:
@@ -246,14 +260,23 @@ class DetoxApp(App[None]):
             self._model_status(f"{lm.n_layers} layers · {lm.device} · {wb.scorer.name}")
         )
         form = self.query_one(MethodForm)
+        if self.initial_method:
+            form.set_method(self.initial_method)
+            if self.initial_hparams:
+                form.set_defaults(self.initial_method, self.initial_hparams)
         form.set_model(lm)
         self.query_one(LayerPicker).set_model(lm.n_layers, self._default_layers(form.method))
+        if self.initial_ablation:
+            self.query_one(LayerPicker).set_configs(self.initial_ablation)
         self._set_stage("ready", 1, 1)
         self.query_one(RunLog).log_message(f"loaded {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}")
         self.action_reload_runs()
 
     def _default_layers(self, method: str) -> list[int]:
         from detox_tui.backends.editing.presets import load_preset
+
+        if self.initial_layers is not None and method == self.initial_method:
+            return list(self.initial_layers)
 
         try:
             hp = load_preset(self.workbench.lm, method)

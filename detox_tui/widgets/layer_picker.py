@@ -210,6 +210,15 @@ class LayerPicker(Vertical):
         self._refresh_configs()
         return True
 
+    def set_configs(self, configs: Sequence[Sequence[int]]) -> None:
+        """Replace the ablation list (layers outside the model are dropped, as are configurations left empty)."""
+        self.configs = []
+        for cfg in configs:
+            kept = sorted({int(x) for x in cfg if 0 <= int(x) < self.n_layers})
+            if kept and kept not in self.configs:
+                self.configs.append(kept)
+        self._refresh_configs()
+
     def remove_config(self, index: int | None = None) -> bool:
         lst = self.query_one("#abl-list", OptionList)
         index = lst.highlighted if index is None else index

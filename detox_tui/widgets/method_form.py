@@ -86,6 +86,8 @@ class MethodForm(Vertical):
         self.lm: Any = None
         self.preset: dict[str, Any] = {}
         self._inputs: dict[str, Input] = {}
+        # Values that replace the preset's for a method (e.g. the demo's), kept across Reset and method changes.
+        self.defaults: dict[str, dict[str, Any]] = {}
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="row"):
@@ -150,6 +152,19 @@ class MethodForm(Vertical):
     def set_method(self, method: str) -> None:
         self.query_one("#method", Select).value = method
 
+    def set_defaults(self, method: str, hparams: dict[str, Any]) -> None:
+        """Prefill ``method``'s fields with ``hparams`` instead of the preset's values (also after Reset)."""
+        self.defaults[method] = dict(hparams)
+        if self.lm is not None and self.method == method:
+            self.reset()
+
+    def set_run_settings(self, settings: dict[str, Any]) -> None:
+        """Fill the run settings (samples, max_new_tokens, threshold, seed); an unknown key is a ValueError."""
+        for key, value in settings.items():
+            if key not in RUN_FIELDS:
+                raise ValueError(f"unknown run setting {key!r}; known: {', '.join(RUN_FIELDS)}")
+            self.query_one(f"#run-{key}", Input).value = _fmt(value)
+
     def reset(self) -> None:
         """Refill every field from the preset of the current method."""
         if self.lm is None:
@@ -165,11 +180,15 @@ class MethodForm(Vertical):
         box.remove_children()
         rows = []
         self._inputs = {}
+        defaults = self.defaults.get(self.method, {})
+        unknown = sorted(set(defaults) - set(self.preset))
+        if unknown and self.preset:
+            self.notify(f"{self.method} has no hyperparameter {', '.join(unknown)}.", severity="warning")
         for key, value in self.preset.items():
             if key in LAYER_FIELDS:
                 continue
             field = Input(
-                _fmt(value),
+                _fmt(defaults.get(key, value)),
                 name=key,
                 validators=validator_for(key, value, self.lm.n_layers),
                 classes="hp-input",
@@ -213,4 +232,5 @@ class MethodForm(Vertical):
     @on(Button.Pressed, "#hp-reset")
     def _reset_pressed(self) -> None:
         self.reset()
-        self.notify(f"{self.method} hyperparameters reset to the preset.")
+        where = "their starting values" if self.defaults.get(self.method) else "the preset"
+        self.notify(f"{self.method} hyperparameters reset to {where}.")
