@@ -1103,6 +1103,99 @@ def serve(
     Server(command, host=host, port=port).serve()
 
 
+@app.command()
+def demo(
+    headless: Annotated[
+        bool,
+        typer.Option("--headless", help="Run baseline -> MEMIT edit -> verdict in the terminal; no app."),
+    ] = False,
+    as_json: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Build the demo model again even if the cached one is whole.")
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            envvar="DETOX_TUI_THREADS",
+            show_envvar=True,
+            help="torch intra-op threads (default for the demo: 1, the fastest for its tiny model).",
+        ),
+    ] = None,
+    resume: ResumeOpt = None,
+) -> None:
+    """Try detox-tui with no download: a tiny GPT-2 that insults on cue, built once (seconds) and cached.
+
+    The model, its prompts (with the safe targets an edit installs) and the embedded profanity scorer open in
+    the app with MEMIT settings that work for it; --headless runs the edit and prints the verdict.
+    """
+    from detox_tui import demo as demo_mod
+
+    if as_json and not headless:
+        raise UserError("--json needs --headless (the app prints no results to read).")
+    if resume and not headless:
+        raise UserError("--resume needs --headless (the app resumes nothing).")
+    _before_model_work(threads if threads is not None else demo_mod.DEFAULT_THREADS)
+    built = _run_engine(
+        lambda emit, cancel: demo_mod.ensure_demo(
+            data_dir, rebuild=rebuild, threads=None, emit=emit, cancel=cancel
+        ),
+        as_json,
+    )
+    if not as_json:
+        how = f"built in {built.manifest['build_seconds']:.1f} s" if built.built else "cached"
+        err.print(f"demo model ({how}): {built.folder}", markup=False, highlight=False)
+    if not headless:
+        from detox_tui.app import DetoxApp
+
+        DetoxApp(**demo_mod.app_options(built, str(data_dir) if data_dir else None)).run()
+        return
+    from detox_tui.console import edit_table, summary_lines
+
+    with err.status("Loading the demo model and the profanity scorer...") if not as_json else _null():
+        wb = demo_mod.load_workbench(built, data_dir)
+    result = _run_engine(
+        lambda emit, cancel: demo_mod.run_demo_edit(wb, built, emit=emit, cancel=cancel, resume=resume),
+        as_json,
+        wb=wb,
+        command="demo --headless",
+        resume=resume,
+    )
+    info = {
+        "folder": str(built.folder),
+        "model": str(built.model_dir),
+        "prompts": str(built.prompts),
+        "built": built.built,
+        "build_seconds": built.manifest.get("build_seconds"),
+    }
+    if as_json:
+        _print_json(
+            {
+                "demo": info,
+                "run_id": result.run_id,
+                "config": demo_mod.demo_config(built).to_dict(),
+                "rows": result.rows,
+                "side_effects": result.side_effects,
+                "summary": result.summary,
+            }
+        )
+        return
+    run = demo_mod.RUN
+    console.print(
+        f"MEMIT on blocks {','.join(map(str, run['layers']))} of the demo model, "
+        f"{run['run_settings']['samples']} sampled continuations per prompt, scored by the embedded "
+        f"{run['scorer']} scorer",
+        markup=False,
+        highlight=False,
+    )
+    console.print(edit_table(result.rows))
+    for line in summary_lines(result.summary):
+        console.print(line)
+    console.print(f"run {result.run_id} (detox-tui runs show {result.run_id}); open the app: detox-tui demo")
+
+
 # ------------------------------------------------------------------------------------------ entry point
 
 
