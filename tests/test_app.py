@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from detox_tui.backends.editing.presets import default_ablation_configs
 from detox_tui.backends.models import weights_fingerprint
 from detox_tui.widgets.export_dialog import ExportDialog, ExportRequest
 from detox_tui.widgets.layer_picker import LayerPicker, LayerToggles
@@ -112,15 +113,16 @@ async def test_layer_toggles_presets_and_ablation_list(insult_model_dir, tmp_pat
         await pilot.press("space")
         assert 0 not in layers.selected_layers
 
-        # Presets: the seed ablation set clipped to 4 blocks keeps only (1).
+        # Presets: the ablation list is the engine's depth-scaled default (the same as `ablate` without --configs).
         layers.apply_preset("default")
         assert layers.selected_layers == default
-        assert layers.configs == [[1]]
+        assert layers.configs == default_ablation_configs(4) and len(layers.configs) > 1
+        seeded = default_ablation_configs(4)
         layers.set_layers([2, 3])
         await pilot.press("plus")
-        assert layers.configs == [[1], [2, 3]]
+        assert layers.configs == [*seeded, [2, 3]]
         assert layers.remove_config(0)
-        assert layers.configs == [[2, 3]]
+        assert layers.configs == [*seeded[1:], [2, 3]]
 
 
 async def test_bad_hparam_is_refused(insult_model_dir, tmp_path):

@@ -14,8 +14,6 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Button, Label, OptionList, Select
 
-# The seed project's ablation set (GPT-2 medium block indices).
-SEED_ABLATION: tuple[tuple[int, ...], ...] = ((1,), (5,), (6,), (5, 6), (6, 7), (4, 5, 6))
 PRESET_DEFAULT = "default"
 PRESET_TRACE = "trace"
 
@@ -26,13 +24,10 @@ def config_key(layers: Sequence[int]) -> str:
 
 
 def seed_configs(n_layers: int) -> list[list[int]]:
-    """The seed ablation set clipped to the model's range; configurations left empty are dropped."""
-    out: list[list[int]] = []
-    for cfg in SEED_ABLATION:
-        kept = [x for x in cfg if 0 <= x < n_layers]
-        if kept and kept not in out:
-            out.append(kept)
-    return out
+    """The engine's default ablation configurations for this depth (the same as `ablate` without --configs)."""
+    from detox_tui.backends.editing.presets import default_ablation_configs
+
+    return default_ablation_configs(n_layers)
 
 
 class LayerToggles(Widget, can_focus=True):
