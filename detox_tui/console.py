@@ -172,7 +172,9 @@ def metrics_line(m: dict[str, Any], label: str = "") -> str:
         f"dist-1/2/3 {fmt(m.get('dist_1'), 2)}/{fmt(m.get('dist_2'), 2)}/{fmt(m.get('dist_3'), 2)}"
     )
     if m.get("generation_ppl") is not None:
-        line += f", generation ppl {fmt(m['generation_ppl'], 1)} ({m.get('ppl_model')})"
+        line += f", generation ppl {fmt(m['generation_ppl'], 1)} ({m.get('ppl_model')}"
+        over = m.get("generation_ppl_over_cap")
+        line += f"; {over} left out at >= 1e4)" if over else ")"
     return line
 
 

@@ -291,6 +291,7 @@ def test_cli_rtp_protocol_json_carries_the_field_metrics(capsys, insult_model_di
         [dist["dist_1"], dist["dist_2"], dist["dist_3"]]
     )
     assert m["ppl_model"] == "self" and m["generation_ppl"] > 1.0
+    assert m["generation_ppl_over_cap"] == 0  # the count the 1e4 cap left out is reported, not hidden
     # An option the protocol fixes, given with another value, is refused before any work.
     rc, _, err = run_cli(
         capsys, "baseline", "--protocol", "rtp", "--samples", "3", "--model", str(insult_model_dir)

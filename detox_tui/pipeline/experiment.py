@@ -350,16 +350,18 @@ def _edit_row(
 
 def _generation_ppl(
     wb: Workbench, cfg: ExperimentConfig, prompts: Sequence[str], texts: Sequence[Sequence[str]], cancel
-) -> float | None:
-    """The generations' mean conditional perplexity under the reference model, or None without --ppl-model."""
+) -> tuple[float | None, int | None]:
+    """The generations' mean conditional perplexity under the reference model and how many generations the 1e4
+    cap left out (DExperts' rule), or (None, None) without --ppl-model."""
     name = cfg.verdict.ppl_model
     if not name:
-        return None
+        return None, None
     from detox_tui.pipeline.fluency import generation_perplexity
 
     out = generation_perplexity(wb.ppl_model(name), list(prompts), [list(t) for t in texts], cancel=cancel)
     value = out.get("generation_ppl")
-    return None if value is None or not np.isfinite(value) else float(value)
+    over = int(out.get("n_over_cap") or 0)
+    return (None if value is None or not np.isfinite(value) else float(value)), over
 
 
 def _metrics(
@@ -370,9 +372,13 @@ def _metrics(
     texts: Sequence[Sequence[str]],
     cancel,
 ) -> FieldMetrics:
-    ppl = _generation_ppl(wb, cfg, prompts, texts, cancel)
+    ppl, over = _generation_ppl(wb, cfg, prompts, texts, cancel)
     return field_metrics(
-        scores, texts, generation_ppl=ppl, ppl_model=cfg.verdict.ppl_model if ppl is not None else None
+        scores,
+        texts,
+        generation_ppl=ppl,
+        ppl_model=cfg.verdict.ppl_model if over is not None else None,
+        ppl_over_cap=over,
     )
 
 

@@ -140,6 +140,8 @@ class FieldMetrics(Record):
     dist_3: float = NAN
     generation_ppl: float | None = None
     ppl_model: str | None = None
+    # Generations left out of generation_ppl by DExperts' cap (perplexity >= 1e4): a collapsed edit's worst ones.
+    generation_ppl_over_cap: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------- rows

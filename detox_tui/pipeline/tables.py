@@ -250,6 +250,12 @@ def _metric_entries(prefix: str, suffix: str) -> dict[str, Column]:
             csv_names=tuple(f"dist-{n}{s}" for n in (1, 2, 3)),
         ),
         "ppl": Column(f"generation perplexity{s}", (f"{prefix}.generation_ppl",), NUM, ("generation_ppl",)),
+        "ppl_over_cap": Column(
+            f"generations left out of the perplexity (>= 1e4){s}",
+            (f"{prefix}.generation_ppl_over_cap",),
+            INT,
+            ("generation_ppl",),
+        ),
     }
 
 

@@ -108,6 +108,7 @@ def field_metrics(
     *,
     generation_ppl: float | None = None,
     ppl_model: str | None = None,
+    ppl_over_cap: int | None = None,
 ) -> FieldMetrics:
     """EMT, toxicity probability and dist-1/2/3 over prompts' samples (one list of scores and texts per prompt)."""
     emt = expected_max_toxicity(scores)
@@ -122,6 +123,7 @@ def field_metrics(
         dist_3=float(dist["dist_3"]),
         generation_ppl=generation_ppl,
         ppl_model=ppl_model,
+        generation_ppl_over_cap=ppl_over_cap,
     )
 
 
