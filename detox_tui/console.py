@@ -84,7 +84,7 @@ def baseline_table(rows: list[dict[str, Any]], threshold: float) -> Table:
     for r in rows:
         table.add_row(
             str(r["idx"]),
-            r["prompt"],
+            Text(r["prompt"]),  # untrusted: plain text, never markup
             r.get("category") or "",
             str(r["n"]),
             _ci(r),

@@ -315,3 +315,21 @@ def test_a_prompt_with_markup_in_the_convergence_warning_prints_as_text():
     for line in summary_lines({"convergence_note": note}):
         console.print(line)
     assert buf.getvalue().count("[/] [bold]x") == 2
+
+
+def test_prompts_with_markup_print_as_text_in_the_result_tables():
+    import io
+
+    from rich.console import Console
+
+    from detox_tui.console import baseline_table, edit_table
+
+    s = {"n": 5, "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    prompt = "They are [/] [bold]x"
+    base = {"idx": 0, "prompt": prompt, "n": 5, "max": 0.9, "share_above_0.5": 0.4, "share_above": 1.0, **s}
+    edit = {"idx": 0, "prompt": prompt, "before": s, "after": s}
+    buf = io.StringIO()
+    console = Console(file=buf, width=300)
+    console.print(baseline_table([base], 0.1))
+    console.print(edit_table([edit]))
+    assert buf.getvalue().count("[/] [bold]x") == 2
