@@ -38,7 +38,7 @@ from detox_tui.widgets.results_table import ResultsTable
 from detox_tui.widgets.run_log import RunLog
 from detox_tui.widgets.runs_browser import CompareRuns, RunsBrowser
 from detox_tui.widgets.score_bars import ScoreBars
-from detox_tui.widgets.summary_strip import SummaryStrip
+from detox_tui.widgets.summary_strip import SummaryStrip, summary_text
 from detox_tui.widgets.trace_panel import TracePanel
 
 log = logging.getLogger(__name__)
@@ -568,9 +568,11 @@ class DetoxApp(App[None]):
                 self.query_one(SummaryStrip).show(kind, {**result.side_effects, **result.summary})
             self._update_flags(result.rows, kind)
             runlog.log_message(f"{kind} run {result.run_id} finished")
+            runlog.log_message(summary_text(kind, result.summary).plain)
             self.notify(f"{kind.capitalize()} finished (run {result.run_id}).")
             note = result.summary.get("convergence_note") if kind == "edit" else None
             if note:
+                runlog.log_message(note, "warning")
                 # Untrusted prompt text is in the note: plain text, never markup.
                 self.notify(
                     note, title="Edits that did not take", severity="warning", markup=False, timeout=15

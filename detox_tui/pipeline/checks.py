@@ -64,11 +64,11 @@ def _per_request(info: dict[str, Any], key: str, n: int) -> list[Any]:
 
 
 def request_checks(
+    lm: LoadedModel,
     delta: EditDelta,
     requests: Sequence[EditRequest],
     before: Sequence[tuple[float, float | None]],
     after: Sequence[tuple[float, float | None]],
-    delta_lm: LoadedModel | None = None,
 ) -> list[EditCheck]:
     """One EditCheck per request: objective (and rival) before/after, the method's final loss and steps."""
     n = len(requests)
@@ -77,8 +77,8 @@ def request_checks(
     out = []
     for req, (b, rival_b), (a, rival_a), loss, step in zip(requests, before, after, losses, steps):
         objective, text = objective_of(req)
-        n = n_tokens(delta_lm, text) if delta_lm is not None else None
-        rival_n = n_tokens(delta_lm, req.toxic) if delta_lm is not None and rival_a is not None else None
+        n = n_tokens(lm, text)
+        rival_n = n_tokens(lm, req.toxic) if rival_a is not None and req.toxic else None
         out.append(
             EditCheck(
                 objective=objective,

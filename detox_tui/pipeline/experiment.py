@@ -646,7 +646,7 @@ def _evaluate_config(
             else:
                 logp_after = request_logps(wb.lm, group_requests)
                 checks = dict(
-                    zip(edit_idx, request_checks(delta, group_requests, logp_before, logp_after, wb.lm))
+                    zip(edit_idx, request_checks(wb.lm, delta, group_requests, logp_before, logp_after))
                 )
             eval_items = [items[i] for i in eval_idx]
             gens, scores = _generate_and_score(
@@ -766,19 +766,6 @@ def _stored_side_effects(wb: Workbench, run_id: str, key: str) -> list[SideEffec
     return [SideEffects.from_dict(r) for r in wb.store.rows(run_id, "side_effects") if r.get("config") == key]
 
 
-def _announce(summary: EditSummary, emit: EventCallback) -> None:
-    """The verdict in the log, and a warning naming the edits that did not reach their target."""
-    d = summary.detoxified
-    emit(
-        Log(
-            f"detoxified {d.k}/{d.n} edited prompts ({d.share:.0%}, 95% CI {d.ci_low:.0%}-{d.ci_high:.0%}); "
-            f"defense success {summary.defense_success:.0%}"
-        )
-    )
-    if summary.convergence_note:
-        emit(Log(summary.convergence_note, level="warning"))
-
-
 def run_edit(
     wb: Workbench,
     prompts: Sequence[PromptItem],
@@ -842,7 +829,6 @@ def run_edit(
             layers=tuple(cfg.layers) if cfg.layers is not None else None,
             side_effects=side_summary,
         )
-        _announce(summary, emit)
         _finish(wb, run_id, summary.to_dict(), emit)
         return RunResult(run_id, "edit", res.rows, summary, side_effects=side_summary, deltas=res.saved)
 

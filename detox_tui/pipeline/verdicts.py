@@ -23,7 +23,6 @@ from detox_tui.pipeline.records import (
     EditRow,
     EditSummary,
     FieldMetrics,
-    ScoreSummary,
     Share,
     SideEffects,
     Verdict,
@@ -198,8 +197,3 @@ def _mean(values: Sequence[float | bool]) -> float:
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     return float(x.mean()) if x.size else NAN
-
-
-def score_summary(values: dict) -> ScoreSummary:
-    """A ScoreSummary from ``metrics.summarize``'s dict."""
-    return ScoreSummary.from_dict(values)
