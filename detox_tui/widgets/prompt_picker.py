@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Select, SelectionList
@@ -32,6 +33,16 @@ def _label(item: PromptItem, mean: float | None) -> Text:
     return text
 
 
+class PromptFilter(Input):
+    """The filter field: ctrl+a / ctrl+n select all / no prompts here too (Input's own ctrl+a would move the
+    cursor to the start; home still does). Every other editing key is Input's."""
+
+    BINDINGS = [
+        Binding("ctrl+a", "app.select_all", "Select all prompts", show=False),
+        Binding("ctrl+n", "app.select_none", "Select no prompts", show=False),
+    ]
+
+
 class PromptPicker(Vertical):
     """Choose the prompts a run uses; keeps the selection (by index) across filter changes."""
 
@@ -52,7 +63,9 @@ class PromptPicker(Vertical):
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="prompt-filters"):
-            yield Input(placeholder="filter prompts (type to filter)", id="prompt-filter", compact=True)
+            yield PromptFilter(
+                placeholder="filter prompts (type to filter)", id="prompt-filter", compact=True
+            )
             yield Select(
                 [("all categories", ALL_CATEGORIES)],
                 value=ALL_CATEGORIES,
