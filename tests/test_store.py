@@ -195,3 +195,32 @@ def test_newer_schema_and_garbage_files_are_user_errors(tmp_path):
     junk.write_bytes(b"this is not a database at all, just some text" * 20)
     with pytest.raises(UserError, match="not a readable SQLite database"):
         RunStore(junk)
+
+
+def test_a_run_written_by_another_process_can_be_followed(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    writer, reader = RunStore(path), RunStore(path)  # as a CLI in one terminal and the app in another
+    run_id = writer.create_run("baseline", {}, model="tiny")
+    state = reader.run_state(run_id)
+    assert state == {"status": "running", "updated": state["updated"], "n_rows": 0, "error": None}
+    assert reader.list_runs()[0]["n_rows"] == 0
+
+    writer.add_prompts(run_id, ITEMS)
+    writer.add_row(run_id, "baseline", "0", {"idx": 0})
+    writer.add_row(run_id, "baseline", "1", {"idx": 1})
+    writer.add_row(run_id, "baseline", "1", {"idx": 1, "mean": 0.5})  # an upsert adds no row
+    writer.add_row(run_id, "side_effects", "x", {"ppl_before": 1.0})
+    assert reader.run_state(run_id)["n_rows"] == 3
+    assert reader.list_runs()[0]["n_rows"] == 3 and reader.list_runs()[0]["n_prompts"] == 2
+
+    writer.set_status(run_id, "failed", error="out of memory")
+    assert reader.run_state(run_id) == {
+        "status": "failed",
+        "updated": reader.get_run(run_id)["updated"],
+        "n_rows": 3,
+        "error": "out of memory",
+    }
+    other = writer.create_run("trace", {}, model="tiny")
+    assert reader.run_state(other)["n_rows"] == 0  # counts are per run
+    with pytest.raises(UserError, match="no-such-run"):
+        reader.run_state("no-such-run")

@@ -303,11 +303,13 @@ class RunStore:
         return found[0]
 
     def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest runs first: id, kind, model, status, created, n_prompts, note, error and the summary's scalars."""
+        """The newest runs first: id, kind, model, status, created, updated, n_prompts, n_rows (result rows stored),
+        note, error and the summary's scalars."""
         with self._connect() as conn:
             cur = conn.execute(
                 "SELECT r.id, r.kind, r.model, r.status, r.created, r.updated, r.note, r.summary, r.error, "
-                "(SELECT COUNT(*) FROM prompts p WHERE p.run_id = r.id) AS n_prompts "
+                "(SELECT COUNT(*) FROM prompts p WHERE p.run_id = r.id) AS n_prompts, "
+                "(SELECT COUNT(*) FROM result_rows x WHERE x.run_id = r.id) AS n_rows "
                 "FROM runs r ORDER BY r.created DESC, r.rowid DESC LIMIT ?",
                 (int(limit),),
             )
@@ -324,12 +326,30 @@ class RunStore:
                     "created": r["created"],
                     "updated": r["updated"],
                     "n_prompts": r["n_prompts"],
+                    "n_rows": r["n_rows"],
                     "note": r["note"],
                     "error": r["error"],
                     "summary": _headline(summary),
                 }
             )
         return out
+
+    def run_state(self, run_id: str) -> dict[str, Any]:
+        """What changes while a run goes, in one cheap query: {"status", "updated", "n_rows", "error"}.
+
+        For following a run that another process (a CLI in another terminal) is writing: poll this and reload the
+        rows when ``n_rows`` or ``status`` changes. ``run_id`` is a full id; UserError when there is no such run.
+        """
+        with self._connect() as conn:
+            r = conn.execute(
+                "SELECT r.status, r.updated, r.error, "
+                "(SELECT COUNT(*) FROM result_rows x WHERE x.run_id = r.id) AS n_rows "
+                "FROM runs r WHERE r.id = ?",
+                (run_id,),
+            ).fetchone()
+        if r is None:
+            raise UserError(f"No run with id '{run_id}' in {self.path}.")
+        return {"status": r["status"], "updated": r["updated"], "n_rows": r["n_rows"], "error": r["error"]}
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """A run's id, kind, model, status, times, note, config, summary, error and prompts (id or unique prefix)."""
