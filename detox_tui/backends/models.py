@@ -268,14 +268,15 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     is_local = Path(name).expanduser().exists()
     if not is_local and (name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name):
-        raise UserError(f"The model directory '{name}' does not exist.")
+        raise UserError(f"The model '{name}' did not load: the directory does not exist.")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         config = AutoConfig.from_pretrained(name, revision=revision)
     except OSError as exc:
         raise _load_error(name, is_local, offline, exc) from exc
     except ValueError as exc:
-        raise UserError(f"Could not read the model config of '{name}': {str(exc).splitlines()[0]}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise UserError(f"The model '{name}' did not load: its config could not be read ({first}).") from exc
     spec = spec_for_model_type(getattr(config, "model_type", "unknown"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
@@ -297,13 +298,17 @@ def load_model(
 
 def _load_error(name: str, is_local: bool, offline: bool, exc: Exception) -> UserError:
     if is_local:
-        return UserError(f"'{name}' is a directory but does not hold a loadable model and tokenizer.")
+        return UserError(
+            f"The model '{name}' did not load: the directory does not hold a loadable model and tokenizer."
+        )
     if offline:
         return UserError(
-            f"Model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
-            "download it once online or pass a local directory."
+            f"The model '{name}' did not load: it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+            "is set; download it once online or pass a local directory."
         )
-    return UserError(f"Model '{name}' was not found on the Hugging Face hub or as a local directory.")
+    return UserError(
+        f"The model '{name}' did not load: it was not found on the Hugging Face hub or as a local directory."
+    )
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -314,3 +319,49 @@ def weights_fingerprint(model: nn.Module) -> str:
         t = tensor.detach().contiguous().cpu()
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def device_memory(device: torch.device | str | None) -> dict[str, int | None] | None:
+    """Memory of a CUDA device for a status bar: allocated, peak and total bytes, and utilisation in percent.
+
+    None for the CPU, MPS or anything CUDA cannot answer for. ``utilisation`` comes from NVML (nvidia-ml-py) when
+    it is installed, else None. Cheap (no synchronisation, NVML initialised once) and never raises, so a thread
+    may call it every second.
+    """
+    try:
+        dev = torch.device(device) if device is not None else None
+        if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
+            return None
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return {
+            "allocated": int(torch.cuda.memory_allocated(index)),
+            "peak": int(torch.cuda.max_memory_allocated(index)),
+            "total": int(torch.cuda.get_device_properties(index).total_memory),
+            "utilisation": _gpu_utilisation(index),
+        }
+    except Exception:  # noqa: BLE001 - a status bar must never take the app down
+        return None
+
+
+_NVML: dict[str, object] = {}
+
+
+def _gpu_utilisation(index: int) -> int | None:
+    """The GPU's utilisation in percent from NVML, or None without nvidia-ml-py or when NVML fails."""
+    try:
+        if "module" not in _NVML:
+            _NVML["module"] = None
+            import pynvml
+
+            pynvml.nvmlInit()
+            _NVML["module"] = pynvml
+        nvml = _NVML["module"]
+        if nvml is None:
+            return None
+        # torch's index counts the visible devices; NVML counts them all.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        physical = int(visible[index]) if index < len(visible) and visible[index].strip().isdigit() else index
+        handle = nvml.nvmlDeviceGetHandleByIndex(physical)  # type: ignore[attr-defined]
+        return int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - no NVML, no utilisation
+        return None

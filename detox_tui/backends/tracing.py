@@ -63,6 +63,41 @@ def peak_layers(result: TraceResult, k: int = 3) -> list[int]:
     return sorted(int(i) for i in order)
 
 
+def check_trace_args(
+    prompt: str,
+    continuation: str,
+    *,
+    kind: str = "hidden",
+    window: int = 10,
+    samples: int = 10,
+    subject: str | None = None,
+    noise: float | None = None,
+) -> None:
+    """The checks a trace's arguments must pass, without the model: one UserError sentence each.
+
+    ``trace`` runs them first; front ends and ``run_trace`` call them before any run is created.
+    """
+    if kind not in KINDS:
+        raise UserError(f"Unknown trace kind '{kind}'; use hidden, mlp or attn.")
+    if not prompt:
+        raise UserError("Causal tracing needs a non-empty prompt.")
+    if not continuation:
+        raise UserError(f"Causal tracing needs a continuation to trace after the prompt '{prompt}'.")
+    if samples < 1:
+        raise UserError(f"The number of noise samples must be at least 1, not {samples}.")
+    if window < 1:
+        raise UserError(f"The restoration window must be at least 1 layer, not {window}.")
+    if subject is not None and subject not in prompt:
+        raise UserError(f"The subject '{subject}' does not occur in the prompt '{prompt}'.")
+    if noise is not None and not noise >= 0:
+        raise UserError(f"The tracing noise must be a standard deviation of 0 or more, not {noise}.")
+
+
+def prompt_tokens(lm: Any, prompt: str) -> list[str]:
+    """The prompt's tokens as text, one per heatmap column (special tokens included, as ``trace`` sees them)."""
+    return [lm.tokenizer.decode([i]) for i in lm.tokenizer(prompt)["input_ids"]]
+
+
 def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
     """Layers restored for a cell at ``layer``: ``window`` layers centred on it, clipped to the model."""
     lo = layer - window // 2
@@ -167,6 +202,7 @@ def trace(
     batch_size: int = 64,
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
+    on_layer: Callable[[int, np.ndarray], None] | None = None,
 ) -> TraceResult:
     """Trace which (token, layer) states carry the prediction of ``continuation`` after ``prompt``.
 
@@ -180,18 +216,13 @@ def trace(
     clean MLP / attention output over ``window`` layers centred on that layer (``mlp`` / ``attn``) is
     restored, and the change in p(continuation) is recorded. p(continuation) is the product of the
     teacher-forced probabilities of all its tokens. ``batch_size`` is the number of sequences per
-    forward pass; many (token, layer) restorations share one pass.
+    forward pass; many (token, layer) restorations share one pass. ``on_layer(layer, scores)`` is called
+    with each layer's row of scores as soon as every token of that layer is done (layers in order), so a
+    caller can store rows as the trace goes.
     """
-    if kind not in KINDS:
-        raise UserError(f"Unknown trace kind '{kind}'; use hidden, mlp or attn.")
-    if not prompt:
-        raise UserError("Causal tracing needs a non-empty prompt.")
-    if not continuation:
-        raise UserError(f"Causal tracing needs a continuation to trace after the prompt '{prompt}'.")
-    if samples < 1:
-        raise UserError(f"The number of noise samples must be at least 1, not {samples}.")
-    if window < 1:
-        raise UserError(f"The restoration window must be at least 1 layer, not {window}.")
+    check_trace_args(
+        prompt, continuation, kind=kind, window=window, samples=samples, subject=subject, noise=noise
+    )
 
     tok, spec, model = lm.tokenizer, lm.spec, lm.model
     prompt_ids = list(tok(prompt)["input_ids"])
@@ -207,8 +238,6 @@ def trace(
 
     embed = lm.module(spec.embed)
     if noise is not None:
-        if not noise >= 0:
-            raise UserError(f"The tracing noise must be a standard deviation of 0 or more, not {noise}.")
         level = float(noise)
     elif noise_texts is not None:
         level = noise_level(lm, noise_texts, noise_scale)
@@ -289,6 +318,7 @@ def trace(
             )
 
             done = 0
+            next_layer = 0
             for start in range(0, total, jobs_per_pass):
                 check_cancel(cancel)
                 chunk = jobs[start : start + jobs_per_pass]
@@ -306,9 +336,13 @@ def trace(
                 for (layer, t), p in zip(chunk, probs, strict=True):
                     scores[layer, t] = p - p_corrupted
                 done += len(chunk)
+                # Jobs are layer-major: a layer is complete once all of its tokens are done.
+                while on_layer is not None and next_layer < n_layers and (next_layer + 1) * n_prompt <= done:
+                    on_layer(next_layer, scores[next_layer].copy())
+                    next_layer += 1
                 emit(Progress("trace", done, total))
 
-    tokens = [tok.decode([i]) for i in prompt_ids]
+    tokens = [tok.decode([i]) for i in prompt_ids]  # as prompt_tokens() gives them
     log.info(
         "traced %d layers x %d tokens (%s): noise %.4g, p_clean %.4g, p_corrupted %.4g",
         n_layers,

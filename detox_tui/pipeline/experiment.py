@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -49,17 +49,26 @@ from detox_tui.prompts.base import PromptItem
 log = logging.getLogger(__name__)
 
 
+SCORER_LOADING = ("required", "optional", "none")
+
+
 @dataclass
 class Workbench:
-    """An engine session: the loaded model, the scorer and the run store, loaded once per front end."""
+    """An engine session: the loaded model, the scorer and the run store, loaded once per front end.
+
+    ``scorer`` is None when it was not loaded (``Workbench.load(..., scorer="none")``) or failed to load under
+    ``scorer="optional"``; ``scorer_error`` then says why, in one sentence. Traces and statistics need no scorer;
+    baselines, edits and ablations refuse to start without one.
+    """
 
     lm: LoadedModel
-    scorer: Scorer
+    scorer: Scorer | None
     store: RunStore
     paths: Paths
     config: ExperimentConfig
     # Reference models for the generations' perplexity (--ppl-model), loaded on first use, by name.
     ppl_models: dict[str, LoadedModel] = field(default_factory=dict)
+    scorer_error: str | None = None
 
     def ppl_model(self, name: str) -> LoadedModel:
         """The reference model ``name`` ("self": the model under study, read on its original weights)."""
@@ -72,9 +81,19 @@ class Workbench:
 
     @staticmethod
     def load_model(cfg: ExperimentConfig) -> LoadedModel:
-        return load_model(
-            cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype, revision=cfg.model.revision
-        )
+        """The model of ``cfg``; any failure is a UserError that names the model."""
+        name = cfg.model.name
+        try:
+            return load_model(
+                name, device=cfg.model.device, dtype=cfg.model.dtype, revision=cfg.model.revision
+            )
+        except UserError as exc:
+            message = str(exc)
+            if message.startswith(f"The model '{name}'"):
+                raise
+            raise UserError(_did_not_load("model", name, message)) from exc
+        except Exception as exc:  # noqa: BLE001 - torch/transformers failures: name the component that failed
+            raise UserError(_did_not_load("model", name, _reason(exc))) from exc
 
     @staticmethod
     def load_scorer(cfg: ExperimentConfig, lm: LoadedModel | None = None) -> Scorer:
@@ -85,16 +104,81 @@ class Workbench:
 
     @classmethod
     def load(
-        cls, cfg: ExperimentConfig, *, data_dir: str | None = None, emit: EventCallback = null_callback
+        cls,
+        cfg: ExperimentConfig,
+        *,
+        data_dir: str | None = None,
+        emit: EventCallback = null_callback,
+        scorer: str = "required",
     ) -> Workbench:
+        """Load the model, then the scorer, and open the run store.
+
+        ``scorer``: "required" (a scorer that fails to load raises), "optional" (it leaves ``scorer`` None and
+        ``scorer_error`` set) or "none" (no scorer is loaded: traces and statistics). A model that fails raises a
+        UserError starting "The model '<name>'".
+        """
+        if scorer not in SCORER_LOADING:
+            raise ValueError(f"scorer must be one of {SCORER_LOADING}, not {scorer!r}")
         paths = Paths.resolve(data_dir)
-        emit(Progress("load model", 0, 2, cfg.model.name))
+        steps = 1 if scorer == "none" else 2
+        emit(Progress("load model", 0, steps, cfg.model.name))
         lm = cls.load_model(cfg)
-        emit(Progress("load scorer", 1, 2, cfg.scoring.scorer))
-        scorer = cls.load_scorer(cfg, lm)
-        emit(Progress("load scorer", 2, 2, cfg.scoring.scorer))
+        loaded: Scorer | None = None
+        error: str | None = None
+        if scorer == "none":
+            emit(Progress("load model", 1, 1, cfg.model.name))
+        else:
+            emit(Progress("load scorer", 1, 2, cfg.scoring.scorer))
+            try:
+                loaded = cls.load_scorer(cfg, lm)
+            except Exception as exc:
+                if scorer == "required":
+                    raise
+                error = _did_not_load("scorer", cfg.scoring.scorer, _reason(exc))
+                log.warning("%s", error)
+            emit(Progress("load scorer", 2, 2, cfg.scoring.scorer))
         store = RunStore.open(str(paths.data_dir))
-        return cls(lm=lm, scorer=scorer, store=store, paths=paths, config=cfg)
+        return cls(lm=lm, scorer=loaded, store=store, paths=paths, config=cfg, scorer_error=error)
+
+    def set_scorer(self, name: str) -> None:
+        """Load scorer ``name`` on the model's device and use it from now on (``config.scoring.scorer`` too).
+
+        On failure: UserError "The scorer '<name>' did not load: <reason>.", and the scorer in use is kept.
+        """
+        from detox_tui.backends.scorers import load_scorer
+
+        try:
+            new = load_scorer(name, device=str(self.lm.device), batch_size=self.config.scoring.batch_size)
+        except Exception as exc:
+            raise UserError(_did_not_load("scorer", name, _reason(exc))) from exc
+        self.scorer = new
+        self.config.scoring.scorer = name
+        self.scorer_error = None
+
+    def require_scorer(self) -> Scorer:
+        """The scorer, or a UserError saying that none is loaded (and why) and how to choose one."""
+        if self.scorer is None:
+            why = ""
+            if self.scorer_error:
+                error = self.scorer_error.rstrip(".")
+                why = f" ({error[:1].lower()}{error[1:]})"
+            raise UserError(f"No scorer is loaded{why}; choose a scorer in Settings or pass --scorer.")
+        return self.scorer
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message as one clause: its first line, without the closing full stop."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    return (text or type(exc).__name__).rstrip(".")
+
+
+def _did_not_load(component: str, name: str, reason: str) -> str:
+    """ "The model 'x' did not load: <reason>." - one sentence naming the component that failed."""
+    reason = reason.strip().rstrip(".")
+    if len(reason) > 1 and reason[0].isupper() and reason[1].islower():
+        reason = reason[0].lower() + reason[1:]
+    return f"The {component} '{name}' did not load: {reason}."
 
 
 @dataclass
@@ -459,6 +543,13 @@ def _before_rows(
     return [rows[offset + i] for i in range(len(items))]
 
 
+def _create_run(wb: Workbench, kind: str, config: dict[str, Any], items: Sequence[PromptItem]) -> str:
+    """A new run of ``kind`` in the store (status running) with its config and prompts; its id."""
+    run_id = wb.store.create_run(kind, config, model=wb.lm.name)
+    wb.store.add_prompts(run_id, list(items))
+    return run_id
+
+
 def _start_run(wb: Workbench, kind: str, items, cfg, resume: str | None, extra: dict | None = None) -> str:
     if resume:
         run = wb.store.get_run(resume)
@@ -468,9 +559,7 @@ def _start_run(wb: Workbench, kind: str, items, cfg, resume: str | None, extra: 
     config = cfg.to_dict()
     if extra:
         config.update(extra)
-    run_id = wb.store.create_run(kind, config, model=wb.lm.name)
-    wb.store.add_prompts(run_id, list(items))
-    return run_id
+    return _create_run(wb, kind, config, items)
 
 
 def _finish(wb: Workbench, run_id: str, summary: dict, emit: EventCallback) -> None:
@@ -478,7 +567,10 @@ def _finish(wb: Workbench, run_id: str, summary: dict, emit: EventCallback) -> N
     emit(Finished(run_id, summary))
 
 
-def _guard(wb: Workbench, run_id_box: list[str], body: Callable[[], RunResult]) -> RunResult:
+_T = TypeVar("_T")
+
+
+def _guard(wb: Workbench, run_id_box: list[str], body: Callable[[], _T]) -> _T:
     """Record cancelled/failed status in the store; whatever finished is already written."""
     from detox_tui.errors import Cancelled
 
@@ -511,6 +603,7 @@ def run_baseline(
     resume: str | None = None,
 ) -> RunResult:
     """Sample k seeded continuations per prompt from the original model and score the continuations."""
+    wb.require_scorer()
     items = _check_items(prompts)
     box: list[str] = []
 
@@ -782,6 +875,7 @@ def run_edit(
 
     The configuration is checked first (validate_edit: cheap, no forward pass), so a mistake costs nothing.
     """
+    wb.require_scorer()
     items = _check_items(prompts)
     held = list(holdout)
     validate_edit(wb.lm, cfg, items, held)
@@ -887,6 +981,7 @@ def run_ablation(
     ``configs=None``: default configurations scaled to the model's depth (presets.default_ablation_configs).
     The configuration is checked first (validate_edit), so a mistake costs nothing.
     """
+    wb.require_scorer()
     items = _check_items(prompts)
     checked: ValidatedEdit = validate_edit(wb.lm, cfg, items, configs=configs, ablation=True)
     configs = checked.configs
@@ -960,3 +1055,75 @@ def run_ablation(
 
 def _finite(value: float) -> float:
     return value if value is not None and np.isfinite(value) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class StatsRunResult:
+    """A finished statistics run: the covariance per layer (float64, CPU) and the stored summary."""
+
+    run_id: str
+    summary: dict[str, Any]
+    stats: dict[int, Any]
+    kind: str = "stats"
+
+
+def run_stats(
+    wb: Workbench,
+    layers: Sequence[int],
+    *,
+    corpus: str = "builtin",
+    tokens: int | None = None,
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+) -> StatsRunResult:
+    """Collect (or read from the cache) the covariance statistics MEMIT/ROME need, as a stored run of kind "stats".
+
+    Its config holds the model, layers, corpus and token budget; one row per layer (its shape); the summary
+    the layers, tokens, cache folder, shapes and seconds. No scorer is needed.
+    """
+    import time
+
+    from detox_tui.backends.stats import covariance, default_stats_tokens
+
+    checked = wb.lm.check_layers(list(layers))
+    if not checked:
+        raise UserError("No layers given; e.g. --layers 4,5,6,7,8.")
+    budget = int(tokens or default_stats_tokens(wb.lm))
+    box: list[str] = []
+
+    def body() -> StatsRunResult:
+        config = {"model": wb.config.model.to_dict(), "layers": checked, "corpus": corpus, "tokens": budget}
+        run_id = _create_run(wb, "stats", config, [])
+        box.append(run_id)
+        emit(Log(f"stats run {run_id}: layers {','.join(map(str, checked))}, {budget} tokens of {corpus}"))
+        start = time.perf_counter()
+        stats = covariance(
+            wb.lm,
+            checked,
+            corpus=corpus,
+            tokens=budget,
+            cache_dir=wb.paths.cache_dir,
+            emit=emit,
+            cancel=cancel,
+        )
+        seconds = time.perf_counter() - start
+        shapes = {str(layer): list(stats[layer].shape) for layer in checked}
+        for layer in checked:
+            row = {"layer": layer, "shape": shapes[str(layer)], "size": int(stats[layer].shape[0])}
+            wb.store.add_row(run_id, "stats", str(layer), row)
+            emit(RowReady("stats", row))
+        summary = {
+            "layers": checked,
+            "tokens": budget,
+            "corpus": corpus,
+            "cache_dir": str(wb.paths.stats_dir),
+            "shapes": shapes,
+            "seconds": round(seconds, 3),
+        }
+        _finish(wb, run_id, summary, emit)
+        return StatsRunResult(run_id, summary, stats)
+
+    return _guard(wb, box, body)
