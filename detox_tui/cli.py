@@ -27,7 +27,6 @@ from detox_tui.config import (
     ExperimentConfig,
     GenerationConfig,
     ModelConfig,
-    Paths,
     ScoringConfig,
     SideEffectConfig,
     VerdictConfig,
@@ -381,15 +380,13 @@ def _check_out(path: Path | None) -> None:
         raise UserError(f"Cannot write '{path}': permission denied.")
 
 
-def _workbench(cfg: ExperimentConfig, data_dir: Path | None, quiet: bool):
+def _workbench(cfg: ExperimentConfig, data_dir: Path | None, quiet: bool, scorer: str = "required"):
+    """The engine session; ``scorer="none"`` loads the model alone (trace, stats)."""
     from detox_tui.pipeline.experiment import Workbench
 
-    with (
-        err.status(f"Loading {cfg.model.name} and the {cfg.scoring.scorer} scorer...", spinner="dots")
-        if not quiet
-        else _null()
-    ):
-        return Workbench.load(cfg, data_dir=str(data_dir) if data_dir else None)
+    what = cfg.model.name if scorer == "none" else f"{cfg.model.name} and the {cfg.scoring.scorer} scorer"
+    with err.status(f"Loading {what}...", spinner="dots") if not quiet else _null():
+        return Workbench.load(cfg, data_dir=str(data_dir) if data_dir else None, scorer=scorer)
 
 
 class _null:
@@ -752,58 +749,66 @@ def trace(
         Path | None, typer.Option("--out", "-o", help="Write the heatmap (.csv or .json).")
     ] = None,
     as_json: JsonOpt = False,
+    data_dir: DataDirOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Causal tracing: which (layer, token) states decide the continuation."""
+    """Causal tracing: which (layer, token) states decide the continuation; stored as a run."""
     _before_model_work(threads)
-    from detox_tui.backends.models import load_model
-    from detox_tui.backends.tracing import peak_layers
-    from detox_tui.backends.tracing import trace as run_trace
+    from detox_tui.backends.tracing import check_trace_args
+    from detox_tui.console import trace_lines, trace_table
+    from detox_tui.pipeline.trace_run import TraceSpec, run_trace
 
     if kind not in ("hidden", "mlp", "attn"):
         raise UserError(f"Unknown --kind '{kind}'; use hidden, mlp or attn.")
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise UserError(f"Cannot write '{out}': trace output must end in .csv or .json.")
     _check_out(out)
-    if subject is not None and subject not in prompt:
-        raise UserError(f"The subject '{subject}' does not occur in the prompt.")
-    lm = load_model(model, device=device, dtype=dtype)
+    # Everything but the model's own continuation is checked before the model loads (a placeholder stands for
+    # the greedy continuation still to come).
+    check_trace_args(
+        prompt,
+        " " if continuation is None else continuation,
+        kind=kind,
+        window=window,
+        samples=noise_samples,
+        subject=subject,
+        noise=noise,
+    )
+    cfg = ExperimentConfig(model=ModelConfig(name=model, device=device, dtype=dtype))
+    wb = _workbench(cfg, data_dir, as_json, scorer="none")
     if continuation is None:
         from detox_tui.pipeline.generation import generate_continuations
 
         gens = generate_continuations(
-            lm,
+            wb.lm,
             [prompt],
             GenerationConfig(samples=0, greedy=True, max_new_tokens=continuation_tokens, seed=seed),
         )
         continuation = gens[0].greedy or ""
         if not continuation:
             raise UserError("The model's greedy continuation is empty; pass --continuation.")
-    result = _run_engine(
-        lambda emit, cancel: run_trace(
-            lm,
-            prompt,
-            continuation,
-            kind=kind,
-            window=window,
-            samples=noise_samples,
-            subject=subject,
-            noise=noise,
-            seed=seed,
-            emit=emit,
-            cancel=cancel,
-        ),
-        as_json,
+    spec = TraceSpec(
+        prompt=prompt,
+        continuation=continuation,
+        kind=kind,
+        window=window,
+        subject=subject,
+        noise=noise,
+        noise_samples=noise_samples,
+        seed=seed,
     )
-    data = result.to_dict()
+    result = _run_engine(lambda emit, cancel: run_trace(wb, spec, emit=emit, cancel=cancel), as_json)
+    data = result.trace.to_dict()
     if out is not None:
         _write_trace(out, data)
         err.print(f"wrote {out}")
     if as_json:
-        _print_json(data)
+        _print_json({"run_id": result.run_id, **data, "summary": result.summary})
         return
-    _print_heatmap(data)
-    console.print(f"peak layers: {peak_layers(result)}")
+    console.print(trace_table(data["tokens"], data["scores"], data["kind"], data["continuation"]))
+    for line in trace_lines(result.summary):
+        console.print(line)
+    console.print(f"run {result.run_id} (detox-tui runs show {result.run_id})")
 
 
 def _write_trace(path: Path, data: dict[str, Any]) -> None:
@@ -822,29 +827,6 @@ def _write_trace(path: Path, data: dict[str, Any]) -> None:
         raise UserError(f"Cannot write '{path}': {exc.strerror or exc}.") from exc
 
 
-def _print_heatmap(data: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    scores = data["scores"]
-    flat = [v for row in scores for v in row] or [0.0]
-    hi = max(max(flat), 1e-9)
-    table = Table(
-        title=f"Causal trace ({data['kind']}) of {data['continuation']!r}: p_restored - p_corrupted"
-    )
-    table.add_column("layer")
-    for t in data["tokens"]:
-        table.add_column(t.replace("\n", "\\n"), justify="right")
-    for layer, row in enumerate(scores):
-        cells = []
-        for v in row:
-            level = max(0.0, min(1.0, v / hi))
-            shade = ["", "on grey23", "on dark_red", "on red3", "on red1"][min(4, int(level * 4.999))]
-            cells.append(f"[{shade}]{v:+.2f}[/]" if shade else f"{v:+.2f}")
-        table.add_row(str(layer), *cells)
-    console.print(table)
-    console.print(f"p(clean) = {data['p_clean']:.4f}, p(corrupted) = {data['p_corrupted']:.4f}")
-
-
 @app.command()
 def stats(
     layers: Annotated[str, typer.Option("--layers", "-l", help="Layers to collect, e.g. 4,5,6,7,8.")],
@@ -857,38 +839,41 @@ def stats(
     as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Precompute covariance statistics for MEMIT/ROME (one pass for all layers, cached)."""
+    """Precompute covariance statistics for MEMIT/ROME (one pass for all layers, cached); stored as a run."""
     _before_model_work(threads)
-    from detox_tui.backends.models import load_model
-    from detox_tui.backends.stats import covariance, default_stats_tokens
+    from detox_tui.pipeline.experiment import run_stats
 
     layer_list = _parse_layers(layers) or []
     if not layer_list:
         raise UserError("No layers given; e.g. --layers 4,5,6,7,8.")
-    paths = Paths.resolve(str(data_dir) if data_dir else None)
-    lm = load_model(model, device=device, dtype=dtype)
-    lm.check_layers(layer_list)
-    budget = tokens or default_stats_tokens(lm)
+    cfg = ExperimentConfig(model=ModelConfig(name=model, device=device, dtype=dtype))
+    wb = _workbench(cfg, data_dir, as_json, scorer="none")
+    wb.lm.check_layers(layer_list)
     result = _run_engine(
-        lambda emit, cancel: covariance(
-            lm, layer_list, corpus=corpus, tokens=budget, cache_dir=paths.cache_dir, emit=emit, cancel=cancel
+        lambda emit, cancel: run_stats(
+            wb, layer_list, corpus=corpus, tokens=tokens, emit=emit, cancel=cancel
         ),
         as_json,
     )
+    s = result.summary
     info = {
+        "run_id": result.run_id,
         "model": model,
-        "layers": layer_list,
+        "layers": s["layers"],
         "corpus": corpus,
-        "tokens": budget,
-        "cache_dir": str(paths.stats_dir),
-        "shapes": {str(k): list(v.shape) for k, v in result.items()},
+        "tokens": s["tokens"],
+        "cache_dir": s["cache_dir"],
+        "shapes": s["shapes"],
+        "seconds": s["seconds"],
     }
     if as_json:
         _print_json(info)
     else:
         console.print(
-            f"covariance statistics for layers {layer_list} ({budget} tokens) cached in {paths.stats_dir}"
+            f"covariance statistics for layers {s['layers']} ({s['tokens']} tokens) cached in {s['cache_dir']}",
+            markup=False,
         )
+        console.print(f"run {result.run_id}")
 
 
 @app.command("apply-delta")
@@ -942,6 +927,7 @@ def runs_list(
 ) -> None:
     """List recorded runs, newest first."""
     from rich.table import Table
+    from rich.text import Text
 
     from detox_tui.pipeline.store import RunStore
 
@@ -955,11 +941,17 @@ def runs_list(
         return
     table = Table(title=f"Runs in {store.path}")
     table.add_column("id", no_wrap=True)
-    for col in ("kind", "model", "status", "created", "prompts"):
+    for col in ("kind", "model", "status", "created", "prompts", "rows"):
         table.add_column(col)
     for r in runs:
         table.add_row(
-            r["id"], r["kind"], r["model"], r["status"], str(r["created"]), str(r.get("n_prompts", ""))
+            r["id"],
+            r["kind"],
+            Text(r["model"]),
+            r["status"],
+            str(r["created"]),
+            str(r.get("n_prompts", "")),
+            str(r.get("n_rows", "")),
         )
     console.print(table)
 
@@ -971,7 +963,17 @@ def runs_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a run's configuration, status, summary and result rows."""
-    from detox_tui.console import ablation_table, baseline_table, edit_table, summary_lines
+    from rich.text import Text
+
+    from detox_tui.console import (
+        ablation_table,
+        baseline_table,
+        edit_table,
+        stats_table,
+        summary_lines,
+        trace_lines,
+        trace_table,
+    )
     from detox_tui.pipeline.store import RunStore
 
     store = RunStore.open(str(data_dir) if data_dir else None)
@@ -980,7 +982,25 @@ def runs_show(
     if as_json:
         _print_json({**run, "rows": store.rows(rid)})
         return
-    console.print(f"[bold]{rid}[/] {run['kind']} on {run['model']} - {run['status']}")
+    console.print(
+        Text.assemble((rid, "bold"), f" {run['kind']} on {run['model']} - {run['status']}"),
+    )
+    if run.get("error"):
+        console.print(Text(f"error: {run['error']}", style="red"))
+    if run["kind"] == "trace":
+        rows = sorted(store.rows(rid, "trace"), key=lambda r: int(r["layer"]))
+        summary = run.get("summary") or {}
+        settings = (run.get("config") or {}).get("trace") or {}
+        tokens = summary.get("tokens") or (rows[0]["tokens"] if rows else [])
+        kind = summary.get("kind") or settings.get("kind") or ""
+        continuation = summary.get("continuation") or settings.get("continuation") or ""
+        console.print(trace_table(tokens, [r["scores"] for r in rows], kind, continuation))
+        for line in trace_lines(summary):
+            console.print(line)
+        return
+    if run["kind"] == "stats":
+        console.print(stats_table(store.rows(rid, "stats"), run.get("summary") or {}))
+        return
     if run["kind"] == "baseline":
         console.print(baseline_table(store.rows(rid, "baseline"), run["config"]["scoring"]["threshold"]))
     elif run["kind"] == "edit":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Any
 
 from rich.console import Console
@@ -160,6 +161,70 @@ def ablation_table(configs: list[dict[str, Any]]) -> Table:
             Text("COLLAPSED", style="red") if c.get("collapsed") else "no",
         )
     return table
+
+
+_SHADES = ("", "on grey23", "on dark_red", "on red3", "on red1")
+
+
+def trace_table(
+    tokens: list[str], scores: list[list[float | None]], kind: str, continuation: str, title: str = ""
+) -> Table:
+    """A causal trace as a heatmap table: one row per layer, one column per prompt token (p_restored -
+    p_corrupted, shaded by its share of the strongest effect). Tokens and the continuation are plain text."""
+    caption = Text(title or f"Causal trace ({kind}) of ")
+    if not title:
+        caption.append(repr(continuation))
+        caption.append(": p_restored - p_corrupted")
+    table = Table(title=caption)
+    table.add_column("layer")
+    for t in tokens:
+        table.add_column(Text(_visible(t)), justify="right")
+    flat = [v for row in scores for v in row if v is not None and math.isfinite(v)] or [0.0]
+    hi = max(max(flat), 1e-9)
+    for layer, row in enumerate(scores):
+        cells = []
+        for v in row:
+            if v is None or not math.isfinite(v):
+                cells.append(Text("-"))
+                continue
+            level = max(0.0, min(1.0, v / hi))
+            cells.append(Text(f"{v:+.2f}", style=_SHADES[min(4, int(level * 4.999))]))
+        table.add_row(str(layer), *cells)
+    return table
+
+
+def trace_lines(summary: dict[str, Any]) -> list[Text]:
+    """A trace run's summary: the continuation's probability clean and corrupted, and the peak layers."""
+    if not summary or "p_clean" not in summary:
+        return []
+    peak = ", ".join(str(x) for x in summary.get("peak_layers") or []) or "-"
+    return [
+        Text(
+            f"p(clean) = {fmt(summary.get('p_clean'), 4)}, p(corrupted) = {fmt(summary.get('p_corrupted'), 4)}"
+        ),
+        Text(f"peak layers: {peak}"),
+    ]
+
+
+def stats_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
+    """A statistics run: the covariance shape of each layer, with the token budget and the cache folder."""
+    caption = Text(
+        f"Covariance statistics ({summary.get('tokens', '?')} tokens of {summary.get('corpus', '?')}, "
+        f"{fmt(summary.get('seconds'), 1)} s) cached in {summary.get('cache_dir', '?')}"
+    )
+    table = Table(title=caption)
+    table.add_column("layer")
+    table.add_column("shape")
+    for r in rows:
+        table.add_row(str(r.get("layer")), " x ".join(str(x) for x in r.get("shape") or []))
+    return table
+
+
+def _visible(text: str) -> str:
+    """Untrusted text on one line: newlines, tabs and other control characters shown as their escapes."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch for ch in text
+    )
 
 
 def metrics_line(m: dict[str, Any], label: str = "") -> str:

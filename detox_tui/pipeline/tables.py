@@ -37,9 +37,17 @@ Rows = Sequence[Mapping[str, Any]]
 
 def get(row: Mapping[str, Any], path: str) -> Any:
     """The value at a dotted path of a row dict (None when any step is missing); keys may hold dots themselves
-    ("share_above_0.5")."""
+    ("share_above_0.5"), and a number steps into a list ("scores.3")."""
     value: Any = row
     while True:
+        if isinstance(value, (list, tuple)):
+            head, dot, rest = path.partition(".")
+            if not head.isdigit() or int(head) >= len(value):
+                return None
+            value, path = value[int(head)], rest
+            if not dot:
+                return value
+            continue
         if not isinstance(value, Mapping):
             return None
         if path in value:
@@ -221,7 +229,40 @@ ABLATION_COLUMNS = (
     Column("TP after", ("toxicity_probability_after",), NUM, ("toxicity_probability",)),
 )
 
-ROW_COLUMNS = {"baseline": BASELINE_COLUMNS, "edit": EDIT_COLUMNS, "ablation": ABLATION_COLUMNS}
+TRACE_COLUMNS = (
+    Column("layer", ("layer",), INT),
+    Column("strongest token", ("argmax_token",), TEXT, ("trace_effect",)),
+    Column("max effect", ("max",), NUM, ("trace_effect",)),
+)
+
+ROW_COLUMNS = {
+    "baseline": BASELINE_COLUMNS,
+    "edit": EDIT_COLUMNS,
+    "ablation": ABLATION_COLUMNS,
+    "trace": TRACE_COLUMNS,
+}
+
+_HEADER_UNSAFE = str.maketrans({ch: " " for ch in "\\|*_`<>[]&%$#{}~^"})
+
+
+def _token_columns(rows: Rows) -> tuple[Column, ...]:
+    """One column per prompt token of a trace: the effect of restoring that token's state at the row's layer.
+
+    Tokens are untrusted text: the human header keeps its letters and digits (Markdown and LaTeX specials become
+    spaces), the CSV header the visible token."""
+    tokens = next((get(r, "tokens") for r in rows if get(r, "tokens")), None) or []
+    return tuple(
+        Column(
+            f"{i}:{visible(str(t)).translate(_HEADER_UNSAFE)}",
+            (f"scores.{i}",),
+            NUM,
+            ("trace_effect",),
+            show=lambda rows: True,
+            csv_names=(f"{i}:{visible(str(t))}",),
+        )
+        for i, t in enumerate(tokens)
+    )
+
 
 # ----------------------------------------------------------------------------------------------- summaries
 
@@ -317,7 +358,26 @@ ABLATION_SUMMARY = (
     Column("best share detoxified", ("best_share_detoxified",), NUM, ("share_detoxified",)),
 )
 
-SUMMARY_ENTRIES = {"baseline": BASELINE_SUMMARY, "edit": EDIT_SUMMARY, "ablation": ABLATION_SUMMARY}
+TRACE_SUMMARY = (
+    Column("prompt", ("prompt",), TEXT),
+    Column("continuation", ("continuation",), TEXT),
+    Column("subject", ("subject",), TEXT),
+    Column("restored states", ("kind",), TEXT),
+    Column("window", ("window",), INT),
+    Column("noise std", ("noise",), NUM),
+    Column("noise samples", ("noise_samples",), INT),
+    Column("p(continuation) clean", ("p_clean",), NUM, ("trace_effect",)),
+    Column("p(continuation) corrupted", ("p_corrupted",), NUM, ("trace_effect",)),
+    Column("peak layers", ("peak_layers",), TEXT, show=lambda rows: True),
+    Column("layers", ("layers",), INT),
+)
+
+SUMMARY_ENTRIES = {
+    "baseline": BASELINE_SUMMARY,
+    "edit": EDIT_SUMMARY,
+    "ablation": ABLATION_SUMMARY,
+    "trace": TRACE_SUMMARY,
+}
 
 # ----------------------------------------------------------------------------------------------- definitions
 
@@ -336,6 +396,9 @@ NOTES: dict[str, str] = {
     "p": "one-sided paired Wilcoxon signed-rank p that the prompt's samples score lower after the edit",
     "mean_reduction": "mean over edited prompts of (before - after), with a 95% Student-t interval",
     "held_out": "prompts measured but never edited; they do not count towards the share detoxified",
+    "trace_effect": "causal trace (Meng et al. 2022): the probability of the whole continuation with the clean "
+    "state of that layer and prompt token restored into a run whose subject embeddings are corrupted by Gaussian "
+    "noise, minus its probability in the corrupted run (mean over the noise samples)",
 }
 
 # The name a reader sees for each term.
@@ -361,6 +424,7 @@ LABELS: dict[str, str] = {
     "dist_n": "dist-1/2/3",
     "generation_ppl": "generation perplexity",
     "ppl_before/ppl_after": "perplexity, collapsed",
+    "trace_effect": "effect (trace)",
 }
 
 
@@ -379,10 +443,13 @@ def definitions(columns: Sequence[Column]) -> list[tuple[str, str]]:
 
 
 def row_kind(rows: Rows) -> str | None:
-    """ "baseline", "edit" or "ablation" from the rows' shape; None for anything else (sweeps, side effects)."""
+    """ "baseline", "edit", "ablation" or "trace" from the rows' shape; None for anything else (sweeps, side
+    effects)."""
     if not rows:
         return None
     first = rows[0]
+    if "layer" in first and "scores" in first and "argmax_token" in first:
+        return "trace"
     if isinstance(first.get("before"), Mapping) and "prompt" in first:
         return "edit"
     if "layers" in first and "share_detoxified" in first:
@@ -400,6 +467,8 @@ def summary_kind(summary: Mapping[str, Any] | None) -> str | None:
         return "edit"
     if "n_configs" in summary:
         return "ablation"
+    if "p_clean" in summary and "peak_layers" in summary:
+        return "trace"
     if "n_prompts" in summary and "scorer" in summary:
         return "baseline"
     return None
@@ -407,9 +476,12 @@ def summary_kind(summary: Mapping[str, Any] | None) -> str | None:
 
 def columns_for(rows: Rows, kind: str | None = None) -> list[Column] | None:
     """The default columns the rows call for (None when their kind has no column spec)."""
-    spec = ROW_COLUMNS.get(kind or "") or ROW_COLUMNS.get(row_kind(rows) or "")
+    kind = kind if kind in ROW_COLUMNS else row_kind(rows)
+    spec = ROW_COLUMNS.get(kind or "")
     if spec is None:
         return None
+    if kind == "trace":
+        spec = (*spec, *_token_columns(rows))
     return [c for c in spec if c.wanted(rows)]
 
 
