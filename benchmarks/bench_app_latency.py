@@ -221,7 +221,8 @@ async def wait_until(pilot: Any, predicate: Any, timeout: float, what: str) -> N
         await pilot.pause(0.05)
 
 
-async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> None:
+    """Run the app and fill ``result`` as the phases finish (what was measured survives an app crash)."""
     from textual.widgets import ContentSwitcher, TabbedContent
 
     from detox_tui.app import DetoxApp
@@ -254,8 +255,8 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         run_settings=run_settings,
     )
     rng = random.Random(args.seed)
-    phases: dict[str, Any] = {}
-    edits: list[float] = []  # durations of the edits that ended during the busy phase
+    phases: dict[str, Any] = result.setdefault("phases", {})
+    edits: list[float] = result.setdefault("edits_completed_seconds", [])  # edits ended while busy
     async with app.run_test(size=(120, 40)) as pilot:
         t_load = time.perf_counter()
         await wait_until(
@@ -263,7 +264,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         if app.load_error:
             raise SystemExit(f"the model did not load: {app.load_error}")
-        load_s = time.perf_counter() - t_load
+        result["load_seconds"] = round(time.perf_counter() - t_load, 1)
         tabbed = app.query_one(TabbedContent)
         panes = list(tabbed.query_one(ContentSwitcher).children)
         await wait_until(pilot, lambda: bool(app.query_one("PromptPicker").items), 60, "the prompts")
@@ -274,6 +275,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             gc.collect()
             gc.freeze()  # what the app could do once the model is loaded: old objects never scanned again
         probe = FrameProbe(app, tabbed)
+        result["probe"] = probe
         gcp = GcProbe()
         order = [str(i + 1) for i in range(min(7, len(panes)))]
         cursor = 0
@@ -341,12 +343,6 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             await pilot.press("ctrl+x")
         with contextlib.suppress(SystemExit):
             await wait_until(pilot, lambda: app.running is None, 120, "the edit to stop")
-    return {
-        "phases": phases,
-        "load_seconds": round(load_s, 1),
-        "edits_completed_seconds": edits,
-        "frame_bytes": probe.bytes,
-    }
 
 
 def git_commit(path: Path) -> dict[str, Any]:
@@ -401,10 +397,19 @@ def main() -> None:
     import detox_tui
 
     before = loadavg()
+    result: dict[str, Any] = {}
+    error = None
     try:
-        result = asyncio.run(measure(args, work))
+        asyncio.run(measure(args, work, result))
+    except Exception as exc:  # noqa: BLE001 - the app crashed: keep what was measured, say so
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"the app failed: {error}", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    probe = result.pop("probe", None)
+    result["frame_bytes"] = probe.bytes if probe is not None else 0
+    if error:
+        result["app_error"] = error
     package = Path(detox_tui.__file__).resolve().parent
     out = {
         "benchmark": "key-to-paint latency of the app's tab keys (1-7), idle and while a MEMIT edit runs",
@@ -439,6 +444,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
+    if error:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
