@@ -15,6 +15,15 @@ from detox_tui.errors import Cancelled
 
 
 @dataclass(frozen=True)
+class Started:
+    """A run was created in the store (before any work): front ends can name it, even if it is cancelled."""
+
+    run_id: str
+    kind: str
+    n_prompts: int = 0
+
+
+@dataclass(frozen=True)
 class Progress:
     """``done`` of ``total`` steps of ``stage`` (e.g. "generate before", "covariance", "memit z")."""
 
@@ -50,7 +59,7 @@ class Failed:
     traceback: str | None = None
 
 
-Event = Progress | RowReady | Log | Finished | Failed
+Event = Started | Progress | RowReady | Log | Finished | Failed
 EventCallback = Callable[[Event], None]
 
 

@@ -21,6 +21,7 @@ from detox_tui.events import (
     Log,
     Progress,
     RowReady,
+    Started,
     check_cancel,
     null_callback,
 )
@@ -543,23 +544,40 @@ def _before_rows(
     return [rows[offset + i] for i in range(len(items))]
 
 
-def _create_run(wb: Workbench, kind: str, config: dict[str, Any], items: Sequence[PromptItem]) -> str:
-    """A new run of ``kind`` in the store (status running) with its config and prompts; its id."""
+def _create_run(
+    wb: Workbench,
+    kind: str,
+    config: dict[str, Any],
+    items: Sequence[PromptItem],
+    emit: EventCallback = null_callback,
+) -> str:
+    """A new run of ``kind`` in the store (status running) with its config and prompts; its id (also emitted
+    as a Started event, so a front end can name the run even if it is cancelled before its first row)."""
     run_id = wb.store.create_run(kind, config, model=wb.lm.name)
     wb.store.add_prompts(run_id, list(items))
+    emit(Started(run_id, kind, len(items)))
     return run_id
 
 
-def _start_run(wb: Workbench, kind: str, items, cfg, resume: str | None, extra: dict | None = None) -> str:
+def _start_run(
+    wb: Workbench,
+    kind: str,
+    items,
+    cfg,
+    resume: str | None,
+    extra: dict | None = None,
+    emit: EventCallback = null_callback,
+) -> str:
     if resume:
         run = wb.store.get_run(resume)
         if run.get("kind") != kind:
             raise UserError(f"Run '{resume}' is a {run.get('kind')} run and cannot be resumed as {kind}.")
+        emit(Started(run["id"], kind, len(items)))
         return run["id"]
     config = cfg.to_dict()
     if extra:
         config.update(extra)
-    return _create_run(wb, kind, config, items)
+    return _create_run(wb, kind, config, items, emit)
 
 
 def _finish(wb: Workbench, run_id: str, summary: dict, emit: EventCallback) -> None:
@@ -608,7 +626,7 @@ def run_baseline(
     box: list[str] = []
 
     def body() -> RunResult:
-        run_id = _start_run(wb, "baseline", items, cfg, resume)
+        run_id = _start_run(wb, "baseline", items, cfg, resume, emit=emit)
         box.append(run_id)
         emit(
             Log(
@@ -882,7 +900,7 @@ def run_edit(
     box: list[str] = []
 
     def body() -> RunResult:
-        run_id = _start_run(wb, "edit", items + held, cfg, resume, {"n_heldout": len(held)})
+        run_id = _start_run(wb, "edit", items + held, cfg, resume, {"n_heldout": len(held)}, emit)
         box.append(run_id)
         emit(
             Log(
@@ -988,7 +1006,7 @@ def run_ablation(
     box: list[str] = []
 
     def body() -> RunResult:
-        run_id = _start_run(wb, "ablation", items, cfg, resume, {"configs": configs})
+        run_id = _start_run(wb, "ablation", items, cfg, resume, {"configs": configs}, emit)
         box.append(run_id)
         emit(Log(f"ablation run {run_id}: {cfg.method} over {len(configs)} configurations"))
         original = weights_fingerprint(wb.lm.model) if verify else None
@@ -1096,7 +1114,7 @@ def run_stats(
 
     def body() -> StatsRunResult:
         config = {"model": wb.config.model.to_dict(), "layers": checked, "corpus": corpus, "tokens": budget}
-        run_id = _create_run(wb, "stats", config, [])
+        run_id = _create_run(wb, "stats", config, [], emit)
         box.append(run_id)
         emit(Log(f"stats run {run_id}: layers {','.join(map(str, checked))}, {budget} tokens of {corpus}"))
         start = time.perf_counter()

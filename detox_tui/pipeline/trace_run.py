@@ -118,7 +118,7 @@ def run_trace(
     def body() -> TraceRunResult:
         config = {"model": wb.config.model.to_dict(), KIND: spec.to_dict()}
         item = PromptItem(spec.prompt, subject=spec.subject, meta={"continuation": spec.continuation})
-        run_id = _create_run(wb, KIND, config, [item])
+        run_id = _create_run(wb, KIND, config, [item], emit)
         box.append(run_id)
         emit(Log(f"trace run {run_id}: {spec.kind} states of {wb.lm.n_layers} layers on {wb.lm.name}"))
         tokens = prompt_tokens(wb.lm, spec.prompt)
