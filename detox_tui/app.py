@@ -1,11 +1,18 @@
-"""The Textual app: pick prompts, layers and a method, run the engine in workers, watch results arrive, export."""
+"""The Textual app: a thin controller between the widgets and the engine's workers.
+
+Workers (model loading, engine jobs, the store watcher) never touch widgets: they post messages
+(detox_tui.messages) that the handlers here route to the widgets. Engine events are batched by an
+EngineFeed and repainted at most ``REPAINT_INTERVAL`` apart, so a busy job never floods the UI thread.
+The key table is detox_tui.commands; dialogs and screens live in detox_tui.widgets, one per file.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +20,12 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, ProgressBar, TabbedContent, TabPane
+from textual.widget import Widget
+from textual.widgets import Footer, Header, Input, Label, TabbedContent, TabPane
 
+from detox_tui.commands import APP_NAMES, COMMANDS, TAB_FOCUS, TABS, WIDGET_COMMANDS
 from detox_tui.config import (
     DEFAULT_MODEL,
     DEFAULT_SCORER,
@@ -26,10 +35,26 @@ from detox_tui.config import (
     ScoringConfig,
 )
 from detox_tui.errors import Cancelled, UserError
-from detox_tui.events import Event, Failed, Finished, Log, Progress, RowReady
+from detox_tui.events import Event, Failed, Finished, Log, Progress, RowReady, Started
+from detox_tui.jobs import read_run, read_store, run_job, runs_signature
+from detox_tui.messages import (
+    EngineEvents,
+    EngineFeed,
+    JobEnded,
+    LoadFailed,
+    LogLine,
+    LogToApp,
+    PromptsLoaded,
+    RunOpened,
+    ScorerChanged,
+    StoreSnapshot,
+    WorkbenchLoaded,
+)
 from detox_tui.prompts.base import PromptItem
 from detox_tui.widgets.ablation_chart import AblationChart
+from detox_tui.widgets.confirm_dialog import ConfirmDialog
 from detox_tui.widgets.export_dialog import ExportDialog, ExportRequest
+from detox_tui.widgets.help_screen import HelpScreen, binding_rows
 from detox_tui.widgets.layer_picker import LayerPicker
 from detox_tui.widgets.method_form import MethodForm
 from detox_tui.widgets.prompt_detail import PromptDetail
@@ -38,61 +63,40 @@ from detox_tui.widgets.results_table import ResultsTable
 from detox_tui.widgets.run_log import RunLog
 from detox_tui.widgets.runs_browser import CompareRuns, RunsBrowser
 from detox_tui.widgets.score_bars import ScoreBars
+from detox_tui.widgets.settings_dialog import Settings, SettingsDialog, settings_changes
+from detox_tui.widgets.status_bar import StatusBar
 from detox_tui.widgets.summary_strip import SummaryStrip, summary_text
 from detox_tui.widgets.trace_panel import TracePanel
 
 log = logging.getLogger(__name__)
 
-TABS: tuple[tuple[str, str], ...] = (
-    ("prompts", "Prompts"),
-    ("setup", "Layers & Method"),
-    ("results", "Results"),
-    ("ablation", "Ablation"),
-    ("trace", "Trace"),
-    ("runs", "Runs"),
-    ("log", "Log"),
+# Jobs that sample and score generations (a trace needs only the model).
+SCORED_JOBS = ("baseline", "edit", "ablation")
+SCORER_SUGGESTIONS = (
+    "detoxify",
+    "detoxify:original",
+    "detoxify:unbiased",
+    "detoxify:multilingual",
+    "profanity",
 )
 
-# The widget that gets the focus when a tab is shown.
-TAB_FOCUS: dict[str, str] = {
-    "prompts": "#prompt-list",
-    "setup": "#layer-toggles",
-    "results": "#results-table",
-    "ablation": "#ablation-chart",
-    "trace": "#trace-scroll",
-    "runs": "#runs-browser",
-    "log": "#run-log",
-}
 
-# How the engine's validation (pipeline.validation.validate_edit) names the app's controls in its messages.
-APP_NAMES: dict[str, str] = {
-    "method": "the method",
-    "mode": "the mode",
-    "erase": "the erase mode",
-    "layers": "the layer selection",
-    "configs": "ablation list",
-}
-
-# (action, title, help) for the command palette; every one also has a key binding.
-COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("baseline", "Run baseline", "Sample and score the selected prompts on the original model"),
-    (
-        "edit",
-        "Run edit",
-        "Edit with the chosen method and layers, then measure before/after and side effects",
-    ),
-    ("ablation", "Run ablation", "One edit per layer configuration in the ablation list"),
-    ("trace", "Run causal trace", "Trace which layers carry the continuation (Trace tab)"),
-    ("cancel", "Cancel run", "Stop the running job at the next step; weights are restored"),
-    ("export", "Export table", "Write the current results table to CSV, JSON, Markdown or LaTeX"),
-    ("detail", "Prompt detail", "Generations before and after for the highlighted row"),
-    ("select_all", "Select all prompts", "Select every prompt the filter shows"),
-    ("select_none", "Select no prompts", "Deselect every prompt the filter shows"),
-    ("select_flagged", "Select flagged prompts", "Prompts whose baseline mean is at or above the threshold"),
-    ("focus_filter", "Filter prompts", "Type to filter the prompt list"),
-    ("add_config", "Add layers to ablation list", "Add the selected layers as an ablation configuration"),
-    ("reload_runs", "Reload runs", "Refresh the runs list from the store"),
-)
+def _bindings() -> list[Binding]:
+    out = []
+    for c in COMMANDS:
+        out.append(
+            Binding(
+                c.key,
+                c.action,
+                c.footer or c.title,
+                show=c.footer is not None,
+                priority=c.priority,
+            )
+        )
+    out += [
+        Binding(str(i + 1), f"show_tab('{tab}')", title, show=False) for i, (tab, title) in enumerate(TABS)
+    ]
+    return out
 
 
 class DetoxApp(App[None]):
@@ -100,26 +104,9 @@ class DetoxApp(App[None]):
 
     CSS_PATH = "app.tcss"
     TITLE = "detox-tui"
-    BINDINGS = [
-        Binding("b", "baseline", "Baseline"),
-        Binding("e", "edit", "Edit"),
-        Binding("a", "ablation", "Ablation"),
-        Binding("t", "trace", "Trace"),
-        Binding("x", "export", "Export"),
-        Binding("d", "detail", "Detail", show=False),
-        Binding("ctrl+x", "cancel", "Cancel", priority=True),
-        Binding("escape", "cancel(True)", "Cancel", show=False),
-        Binding("slash", "focus_filter", "Filter", show=False),
-        Binding("ctrl+a", "select_all", "All", show=False),
-        Binding("ctrl+n", "select_none", "None", show=False),
-        Binding("f", "select_flagged", "Flagged", show=False),
-        Binding("plus", "add_config", "Add config", show=False),
-        *[
-            Binding(str(i + 1), f"show_tab('{tab}')", title, show=False)
-            for i, (tab, title) in enumerate(TABS)
-        ],
-        Binding("q", "quit", "Quit", show=False),
-    ]
+    BINDINGS = _bindings()
+    REPAINT_INTERVAL = 0.1  # seconds between repaints of a job's rows and progress
+    STORE_POLL = 1.0  # seconds between reads of the run store (runs list, followed run, device memory)
 
     def __init__(
         self,
@@ -138,10 +125,17 @@ class DetoxApp(App[None]):
         super().__init__()
         self.model_name = model
         self.prompts_source = prompts
-        self.scorer_name = scorer
-        self.device_name = device
-        self.dtype_name = dtype
         self.data_dir = data_dir
+        gen = GenerationConfig()
+        self.settings = Settings(
+            scorer=scorer,
+            device=device,
+            dtype=dtype,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            top_k=gen.top_k,
+            eval_protocol=None,
+        )
         # Initial settings prefilled once the model loads (the demo's): method, its layers and hyperparameters,
         # run settings and the ablation list; None leaves the preset's.
         self.initial_method = method
@@ -152,10 +146,28 @@ class DetoxApp(App[None]):
         self.workbench: Any = None  # detox_tui.pipeline.experiment.Workbench once loaded
         self.load_error: str | None = None
         self.cancel_event = threading.Event()
-        self.running: str | None = None  # kind of the run in progress
-        self.current_run: dict[str, Any] = {}  # run_id, kind, summary of what the results tabs show
+        self.running: str | None = None  # kind of the job in progress
+        self.job = 0  # number of the latest job; messages of older jobs are dropped
+        self.feed: EngineFeed | None = None
+        self.job_prompts = 0
+        self._last_flush = 0.0
+        self._flush_pending = False
+        # What each view shows: {"run_id", "kind", "summary", "threshold", "status"} for results/ablation/trace.
+        self.views: dict[str, dict[str, Any]] = {}
         self.baseline_rows: dict[str, dict[str, Any]] = {}
-        self.last_trace: Any = None
+        self.trace_rows: list[dict[str, Any]] = []
+        self.followed: dict[str, Any] | None = None  # a stored run being followed: {"id", "n_rows", "status"}
+        self._runs_signature: Any = None
+        self._polling = False
+
+    @property
+    def scorer_name(self) -> str:
+        return self.settings.scorer
+
+    @property
+    def current_run(self) -> dict[str, Any]:
+        """The run the active results view shows."""
+        return self.views.get(self._view_of_tab(), {})
 
     # ------------------------------------------------------------------ layout
 
@@ -174,46 +186,71 @@ class DetoxApp(App[None]):
                 yield ScoreBars(id="score-bars")
             with TabPane("Ablation", id="ablation"):
                 yield Label(
-                    "Ablation: share of prompts detoxified (a significant fall of at least --min-reduction, no collapse)",
+                    "Share of prompts detoxified per layer configuration (significant fall >= --min-reduction)",
                     classes="dim",
                 )
                 yield AblationChart(id="ablation-chart")
             with TabPane("Trace", id="trace"):
                 yield TracePanel(id="trace-panel")
             with TabPane("Runs", id="runs"):
-                yield Label("enter open  space mark  c compare two marked runs  r reload", classes="dim")
+                yield Label(
+                    "enter open (follows a running run)  space mark  c compare  s sort", classes="dim"
+                )
                 yield RunsBrowser(id="runs-browser")
             with TabPane("Log", id="log"):
                 yield RunLog(id="run-log")
-        with Horizontal(id="status-bar"):
-            yield Label(self._model_status("loading"), id="model-status")
-            yield Label("idle", id="stage")
-            yield ProgressBar(total=1, id="progress", show_eta=True, show_percentage=True)
+        yield StatusBar(id="status-bar")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = self._short_model()
-        self.query_one(RunLog).log_message(f"loading {self.model_name} with the {self.scorer_name} scorer")
+        self._status().set_model(self._model_status("loading"))
+        self._runlog(f"loading {self.model_name} with the {self.scorer_name} scorer")
         self.load_prompts_worker()
         self.load_workbench_worker(self._base_config())
         if self.initial_run_settings:
             self.query_one(MethodForm).set_run_settings(self.initial_run_settings)
         self.query_one("#prompt-list").focus()
+        self.set_interval(self.STORE_POLL, self._poll_store)
+        self._capture_logging()
+
+    def _capture_logging(self) -> None:
+        """Route Python logging to the run log while the app owns the terminal (restored on unmount)."""
+        root = logging.getLogger()
+        self._log_handlers = [h for h in root.handlers if type(h) is logging.StreamHandler]
+        for handler in self._log_handlers:
+            root.removeHandler(handler)
+        self._app_log_handler = LogToApp(self)
+        root.addHandler(self._app_log_handler)
+
+    def on_unmount(self) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self._app_log_handler)
+        for handler in self._log_handlers:
+            root.addHandler(handler)
+
+    @on(LogLine)
+    def _log_line(self, message: LogLine) -> None:
+        self._runlog(message.message, message.level)
+
+    def _status(self) -> StatusBar:
+        return self.query_one(StatusBar)
+
+    def _runlog(self, message: str, level: str = "info") -> None:
+        self.query_one(RunLog).log_message(message, level)
 
     def _short_model(self) -> str:
         return Path(str(self.model_name).rstrip("/")).name or str(self.model_name)
 
-    def _model_status(self, state: str) -> Text:
+    def _model_status(self, state: str, ok: bool = True) -> Text:
         text = Text(f"{self._short_model()} ", style="bold")
         if state == "loading":
             text.append("loading…", style="yellow")
-        elif state == "error":
-            text.append("failed to load", style="bold red")
         else:
-            text.append(state, style="green")
+            text.append(state, style="green" if ok else "bold red")
         return text
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ loading (workers post messages)
 
     @work(thread=True, group="prompts", exit_on_error=False)
     def load_prompts_worker(self) -> None:
@@ -222,62 +259,83 @@ class DetoxApp(App[None]):
         try:
             items = load_prompts(self.prompts_source)
         except UserError as exc:
-            self._from_thread(self._error, str(exc))
+            self.post_message(LoadFailed("prompts", str(exc)))
             return
-        self._from_thread(self._prompts_loaded, items)
+        self.post_message(PromptsLoaded(items, self.prompts_source or "the builtin set"))
 
-    def _prompts_loaded(self, items: list[PromptItem]) -> None:
-        self.query_one(PromptPicker).set_items(items)
-        self.query_one(RunLog).log_message(
-            f"{len(items)} prompts from {self.prompts_source or 'the builtin set'}"
-        )
+    @on(PromptsLoaded)
+    def _prompts_loaded(self, message: PromptsLoaded) -> None:
+        self.query_one(PromptPicker).set_items(message.items)
+        self._runlog(f"{len(message.items)} prompts from {message.source}")
 
-    @work(thread=True, group="load", exit_on_error=False)
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def load_workbench_worker(self, cfg: ExperimentConfig) -> None:
         from detox_tui.pipeline.experiment import Workbench
 
         try:
-            wb = Workbench.load(cfg, data_dir=self.data_dir, emit=self._emitter())
+            wb = Workbench.load(cfg, data_dir=self.data_dir, emit=EngineFeed(self, -1), scorer="optional")
         except UserError as exc:
-            self._from_thread(self._load_failed, str(exc))
+            self.post_message(LoadFailed("model", str(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - shown to the user, logged with its traceback
             log.exception("loading failed")
-            self._from_thread(self._load_failed, f"{type(exc).__name__}: {exc}")
+            self.post_message(LoadFailed("model", f"The model did not load: {type(exc).__name__}: {exc}"))
             return
-        self._from_thread(self._workbench_loaded, wb)
+        self.post_message(WorkbenchLoaded(wb))
 
-    def _load_failed(self, message: str) -> None:
-        self.load_error = message
-        self.query_one("#model-status", Label).update(self._model_status("error"))
-        self.query_one("#stage", Label).update("")
-        self._error(message)
+    @on(LoadFailed)
+    def _load_failed(self, message: LoadFailed) -> None:
+        if message.component == "model":
+            self.load_error = message.message
+            self._status().set_model(self._model_status("failed to load", ok=False))
+            self._status().job_ended("failed")
+        self._error(message.message)
 
-    def _workbench_loaded(self, wb: Any) -> None:
-        self.workbench = wb
+    @on(WorkbenchLoaded)
+    def _workbench_loaded(self, message: WorkbenchLoaded) -> None:
+        wb = message.workbench
+        first = self.workbench is None
+        self.workbench, self.load_error = wb, None
         lm = wb.lm
-        self.query_one("#model-status", Label).update(
-            self._model_status(f"{lm.n_layers} layers · {lm.device} · {wb.scorer.name}")
-        )
-        form = self.query_one(MethodForm)
-        if self.initial_method:
-            form.set_method(self.initial_method)
-            if self.initial_hparams:
-                form.set_defaults(self.initial_method, self.initial_hparams)
-        form.set_model(lm)
-        self.query_one(LayerPicker).set_model(lm.n_layers, self._default_layers(form.method))
-        if self.initial_ablation:
-            self.query_one(LayerPicker).set_configs(self.initial_ablation)
-        self._set_stage("ready", 1, 1)
-        self.query_one(RunLog).log_message(f"loaded {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}")
-        self.action_reload_runs()
+        self._show_model_status()
+        if first:
+            form = self.query_one(MethodForm)
+            if self.initial_method:
+                form.set_method(self.initial_method)
+                if self.initial_hparams:
+                    form.set_defaults(self.initial_method, self.initial_hparams)
+            form.set_model(lm)
+            self.query_one(LayerPicker).set_model(lm.n_layers, self._default_layers(form.method))
+            if self.initial_ablation:
+                self.query_one(LayerPicker).set_configs(self.initial_ablation)
+        self._status().stage("ready", 1, 1)
+        self._status().job_ended("loaded")
+        self._runlog(f"loaded {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, on {lm.device}")
+        if wb.scorer is None and getattr(wb, "scorer_error", None):
+            self._error(f"{wb.scorer_error} Traces still work; choose another scorer in Settings (,).")
+        self._runs_signature = None
+
+    def _show_model_status(self) -> None:
+        wb = self.workbench
+        if wb is None:
+            return
+        lm = wb.lm
+        if wb.scorer is None:
+            self._status().set_model(
+                Text.assemble(
+                    self._model_status(f"{lm.n_layers} layers · {lm.device} · "), ("no scorer", "bold red")
+                )
+            )
+        else:
+            self._status().set_model(
+                self._model_status(f"{lm.n_layers} layers · {lm.device} · {wb.scorer.name}")
+            )
 
     def _default_layers(self, method: str) -> list[int]:
         from detox_tui.backends.editing.presets import load_preset
 
         if self.initial_layers is not None and method == self.initial_method:
             return list(self.initial_layers)
-
         try:
             hp = load_preset(self.workbench.lm, method)
         except UserError:
@@ -288,38 +346,64 @@ class DetoxApp(App[None]):
             return [hp["layer"]]
         return []
 
-    # ------------------------------------------------------------------ thread plumbing
+    # ------------------------------------------------------------------ engine events (batched)
 
-    def _from_thread(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` on the UI thread; a no-op once the app has closed."""
-        try:
-            self.call_from_thread(fn, *args)
-        except RuntimeError:
-            pass
+    @on(EngineEvents)
+    def _engine_events(self, message: EngineEvents) -> None:
+        if message.feed is not self.feed:
+            if message.feed.job == -1:  # loading progress
+                self._apply(message.feed.drain())
+            else:
+                message.feed.drain()  # a finished job's late events
+            return
+        wait = self.REPAINT_INTERVAL - (time.monotonic() - self._last_flush)
+        if wait > 0:
+            if not self._flush_pending:
+                self._flush_pending = True
+                self.set_timer(wait, self._flush_feed)
+            return
+        self._flush_feed()
 
-    def _emitter(self) -> Callable[[Event], None]:
-        def emit(event: Event) -> None:
-            self._from_thread(self.handle_event, event)
+    def _flush_feed(self) -> None:
+        """Apply every event the current job emitted since the last repaint (UI thread)."""
+        self._flush_pending = False
+        self._last_flush = time.monotonic()
+        if self.feed is not None:
+            self._apply(self.feed.drain())
 
-        return emit
+    def _apply(self, events: list[Event]) -> None:
+        last_progress: Progress | None = None
+        rows_changed = False
+        for event in events:
+            if isinstance(event, Progress):
+                last_progress = event
+            elif isinstance(event, RowReady):
+                self._row_ready(event.table, event.row)
+                rows_changed = True
+            elif isinstance(event, Started):
+                self._view_for_job()["run_id"] = event.run_id
+                self._runlog(f"{event.kind} run {event.run_id} started")
+            elif isinstance(event, Log):
+                self._runlog(event.message, event.level)
+            elif isinstance(event, Finished):
+                self._view_for_job().update({"run_id": event.run_id, "summary": event.result})
+            elif isinstance(event, Failed):
+                self._runlog(event.error, "error")
+        if last_progress is not None:
+            p = last_progress
+            self._status().stage(f"{p.stage} {p.message}".strip(), p.done, p.total, stage_key=p.stage)
+        if rows_changed and self.running in SCORED_JOBS:
+            self.query_one(SummaryStrip).live(
+                self.running, self.query_one(ResultsTable).rows_data, self.job_prompts
+            )
 
-    def handle_event(self, event: Event) -> None:
-        """Route one engine event to the widgets (UI thread)."""
-        if isinstance(event, Progress):
-            self._set_stage(f"{event.stage} {event.message}".strip(), event.done, event.total)
-        elif isinstance(event, RowReady):
-            self._row_ready(event.table, event.row)
-        elif isinstance(event, Log):
-            self.query_one(RunLog).log_message(event.message, event.level)
-        elif isinstance(event, Finished):
-            self.current_run["run_id"] = event.run_id
-            self.current_run["summary"] = event.result
-        elif isinstance(event, Failed):
-            self.query_one(RunLog).log_message(event.error, "error")
+    def _view_for_job(self) -> dict[str, Any]:
+        view = {"ablation": "ablation", "trace": "trace"}.get(self.running or "", "results")
+        return self.views.setdefault(view, {})
 
-    def _set_stage(self, label: str, done: int, total: int) -> None:
-        self.query_one("#stage", Label).update(f"{label} {done}/{total}" if total else label)
-        self.query_one(ProgressBar).update(total=max(total, 1), progress=done)
+    def _view_of_tab(self) -> str:
+        tab = str(self.query_one(TabbedContent).active)
+        return tab if tab in ("ablation", "trace") else "results"
 
     def _row_ready(self, table: str, row: dict[str, Any]) -> None:
         if table in ("baseline", "before", "edit"):
@@ -329,50 +413,65 @@ class DetoxApp(App[None]):
         elif table == "side_effects":
             self.query_one(SummaryStrip).show_side_effects(row)
             flag = "  COLLAPSED" if row.get("collapsed") else ""
-            self.query_one(RunLog).log_message(
+            self._runlog(
                 f"side effects ({row.get('config') or 'preset'}): neutral ppl {row.get('ppl_before', 0):.2f} -> "
                 f"{row.get('ppl_after', 0):.2f}, KL {row.get('kl_neutral', 0):.4f}{flag}",
                 "warning" if flag else "info",
             )
         elif table == "ablation":
             self.query_one(AblationChart).add_config(row)
+        elif table == "trace":
+            self.trace_rows.append(row)
 
     def _error(self, message: str) -> None:
-        self.notify(message, severity="error", timeout=8)
-        self.query_one(RunLog).log_message(message, "error")
+        # Messages may quote prompts or file names: plain text, never markup.
+        self.notify(message, severity="error", timeout=8, markup=False)
+        self._runlog(message, "error")
 
-    # ------------------------------------------------------------------ starting runs
+    # ------------------------------------------------------------------ starting jobs
 
-    def _can_run(self) -> bool:
+    def _can_run(self, kind: str) -> bool:
         if self.running:
             self.notify(f"A {self.running} is running; wait or cancel it (ctrl+x).", severity="warning")
             return False
         if self.workbench is None:
             if self.load_error:
-                self._error(f"The model did not load: {self.load_error}")
+                self._error(f"{self.load_error} Fix it in Settings (,) or restart with another --model.")
             else:
                 self.notify("The model is still loading; try again in a moment.", severity="warning")
+            return False
+        if kind in SCORED_JOBS and self.workbench.scorer is None:
+            reason = getattr(self.workbench, "scorer_error", None) or "No scorer is loaded."
+            self._error(f"{reason} Choose a scorer in Settings (,); a trace needs none.")
             return False
         return True
 
     def _base_config(self) -> ExperimentConfig:
-        """Model, scorer and prompt source as given on the command line."""
-        model = ModelConfig(name=self.model_name, device=self.device_name, dtype=self.dtype_name)
+        """Model, scorer and prompt source as the settings say."""
+        s = self.settings
         return ExperimentConfig(
-            model=model,
-            scoring=ScoringConfig(scorer=self.scorer_name),
+            model=ModelConfig(name=self.model_name, device=s.device, dtype=s.dtype),
+            scoring=ScoringConfig(scorer=s.scorer),
             prompts=self.prompts_source or "builtin",
         )
 
     def _config(self, method: str | None = None, layers: list[int] | None = None) -> ExperimentConfig:
-        """The ExperimentConfig of the current form (raises UserError for invalid fields); UI thread only."""
+        """The ExperimentConfig of the current form and settings (UserError for invalid fields); UI thread only."""
         cfg = self._base_config()
         form = self.query_one(MethodForm)
-        settings = form.run_settings()
+        run = form.run_settings()
+        s = self.settings
         cfg.generation = GenerationConfig(
-            samples=settings["samples"], max_new_tokens=settings["max_new_tokens"], seed=settings["seed"]
+            samples=run["samples"],
+            max_new_tokens=run["max_new_tokens"],
+            seed=run["seed"],
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
         )
-        cfg.scoring.threshold = settings["threshold"]
+        cfg.scoring.threshold = run["threshold"]
+        if s.eval_protocol:
+            cfg.apply_eval_protocol(s.eval_protocol)
         if method is not None:
             cfg.method, cfg.mode, cfg.protocol = method, form.mode, form.protocol
             cfg.hparams = form.hparams()
@@ -400,25 +499,36 @@ class DetoxApp(App[None]):
         )
 
     def _start(self, kind: str, items: list[PromptItem], cfg: ExperimentConfig, extra: Any = None) -> None:
+        """Reset every view the job fills, then start it in the engine worker."""
+        self.job += 1
         self.running = kind
+        self.followed = None
         self.cancel_event = threading.Event()
-        self.current_run = {"kind": kind, "run_id": None, "summary": {}, "threshold": cfg.scoring.threshold}
-        if kind in ("baseline", "edit", "ablation"):
+        self.feed = EngineFeed(self, self.job)
+        self.job_prompts = len(items)
+        view = {"ablation": "ablation", "trace": "trace"}.get(kind, "results")
+        self.views[view] = {"kind": kind, "run_id": None, "summary": {}, "threshold": cfg.scoring.threshold}
+        if kind in SCORED_JOBS:
+            self.views["results"] = {**self.views[view], "kind": "edit" if kind == "ablation" else kind}
             self.query_one(ResultsTable).start(kind, cfg.scoring.threshold)
-            self.query_one(SummaryStrip).update(f"{kind} running on {len(items)} prompts…")
+            self.query_one(SummaryStrip).running(kind, len(items))
+            self.query_one(ScoreBars).clear()
         if kind == "ablation":
             self.query_one(AblationChart).reset()
-        self.query_one(RunLog).log_message(f"starting {kind} on {len(items)} prompt(s)")
-        self._set_stage(kind, 0, 1)
+        if kind == "trace":
+            self.trace_rows = []
+        self._runlog(f"starting {kind}" + (f" on {len(items)} prompt(s)" if items else ""))
+        self._status().job_started()
+        self._status().stage(kind, 0, 1)
         if kind in ("baseline", "edit"):
             self.action_show_tab("results")
         elif kind == "ablation":
             self.action_show_tab("ablation")
-        self.engine_worker(kind, items, cfg, extra, self.cancel_event)
+        self.engine_worker(self.job, kind, items, cfg, extra, self.cancel_event, self.feed)
 
     def action_baseline(self) -> None:
         """Baseline on the selected prompts."""
-        if not self._can_run():
+        if not self._can_run("baseline"):
             return
         try:
             items = self._selected_prompts()
@@ -430,7 +540,7 @@ class DetoxApp(App[None]):
 
     def action_edit(self) -> None:
         """Edit with the chosen method and layers, measured before and after."""
-        if not self._can_run():
+        if not self._can_run("edit"):
             return
         form = self.query_one(MethodForm)
         try:
@@ -445,7 +555,7 @@ class DetoxApp(App[None]):
 
     def action_ablation(self) -> None:
         """One edit per configuration in the ablation list."""
-        if not self._can_run():
+        if not self._can_run("ablation"):
             return
         form = self.query_one(MethodForm)
         configs = [list(c) for c in self.query_one(LayerPicker).configs]
@@ -464,20 +574,30 @@ class DetoxApp(App[None]):
 
     def action_trace(self) -> None:
         """Causal trace of the Trace tab's prompt and continuation."""
-        if not self._can_run():
+        if not self._can_run("trace"):
             return
-        panel = self.query_one(TracePanel)
         if self.query_one(TabbedContent).active != "trace":
             self._prefill_trace()
             self.action_show_tab("trace")
             self.notify("Check the prompt and continuation, then press t again to trace.")
             return
+        from detox_tui.pipeline.trace_run import TraceSpec
+
         try:
-            request = panel.request()
+            request = self.query_one(TracePanel).request()
+            seed = self.query_one(MethodForm).run_settings()["seed"]
         except UserError as exc:
             self._error(str(exc))
             return
-        self._start("trace", [], self._config(), request)
+        spec = TraceSpec(
+            prompt=request.prompt,
+            continuation=request.continuation,
+            kind=request.kind,
+            window=request.window,
+            subject=request.subject,
+            seed=seed,
+        )
+        self._start("trace", [], self._base_config(), spec)
 
     def _selected_prompts(self) -> list[PromptItem]:
         items = self.query_one(PromptPicker).selected_items()
@@ -489,12 +609,9 @@ class DetoxApp(App[None]):
         picker = self.query_one(PromptPicker)
         items = picker.selected_items() or picker.items
         lst = self.query_one("#prompt-list")
-        if lst.highlighted is not None and picker.visible_indices():
-            items = [
-                picker.items[
-                    picker.visible_indices()[min(lst.highlighted, len(picker.visible_indices()) - 1)]
-                ]
-            ]
+        visible = picker.visible_indices()
+        if lst.highlighted is not None and visible:
+            items = [picker.items[visible[min(lst.highlighted, len(visible) - 1)]]]
         if not items:
             return
         item = items[0]
@@ -509,78 +626,87 @@ class DetoxApp(App[None]):
 
     @work(thread=True, exclusive=True, group="engine", exit_on_error=False)
     def engine_worker(
-        self, kind: str, items: list[PromptItem], cfg: ExperimentConfig, extra: Any, cancel: threading.Event
+        self,
+        job: int,
+        kind: str,
+        items: list[PromptItem],
+        cfg: ExperimentConfig,
+        extra: Any,
+        cancel: threading.Event,
+        feed: EngineFeed,
     ) -> None:
-        from detox_tui.pipeline import experiment
-
-        wb = self.workbench
-        emit = self._emitter()
         try:
-            if kind == "baseline":
-                result = experiment.run_baseline(wb, items, cfg, emit=emit, cancel=cancel)
-            elif kind == "edit":
-                result = experiment.run_edit(wb, items, cfg, emit=emit, cancel=cancel)
-            elif kind == "ablation":
-                result = experiment.run_ablation(wb, items, cfg, extra, emit=emit, cancel=cancel)
-            else:
-                from detox_tui.backends import tracing
-
-                result = tracing.trace(
-                    wb.lm,
-                    extra.prompt,
-                    extra.continuation,
-                    kind=extra.kind,
-                    window=extra.window,
-                    subject=extra.subject,
-                    emit=emit,
-                    cancel=cancel,
-                )
+            result = run_job(self.workbench, kind, items, cfg, extra, feed, cancel)
         except Cancelled:
-            self._from_thread(self._run_ended, kind, None, "cancelled")
+            self.post_message(JobEnded(job, kind, error="cancelled"))
         except UserError as exc:
-            self._from_thread(self._run_ended, kind, None, str(exc))
+            self.post_message(JobEnded(job, kind, error=str(exc)))
         except Exception as exc:  # noqa: BLE001 - reported in the log with its traceback
             log.exception("%s failed", kind)
-            self._from_thread(self.handle_event, Failed(f"{kind} failed: {exc}", traceback.format_exc()))
-            self._from_thread(self._run_ended, kind, None, f"{kind} failed: {type(exc).__name__}: {exc}")
+            feed(Failed(f"{kind} failed: {exc}", traceback.format_exc()))
+            self.post_message(JobEnded(job, kind, error=f"{kind} failed: {type(exc).__name__}: {exc}"))
         else:
-            self._from_thread(self._run_ended, kind, result, None)
+            self.post_message(JobEnded(job, kind, result=result))
 
-    def _run_ended(self, kind: str, result: Any, error: str | None) -> None:
+    @on(JobEnded)
+    def _job_ended(self, message: JobEnded) -> None:
+        if message.job != self.job:
+            return
+        self._flush_feed()  # every event the job emitted before it returned
+        kind, error, result = message.kind, message.error, message.result
         self.running = None
-        runlog = self.query_one(RunLog)
+        view = self._view_for_kind(kind)
+        run_id = view.get("run_id")
+        stored = f"; stored as run {run_id}" if run_id else ""
+        status = self._status()
         if error == "cancelled":
-            self._set_stage("cancelled", 0, 1)
-            runlog.log_message(f"{kind} cancelled; the original weights are in place", "warning")
-            self.notify(
-                f"{kind.capitalize()} cancelled; the original weights are in place.", severity="warning"
-            )
+            view["status"] = "cancelled"
+            status.job_ended("cancelled")
+            detail = f"the original weights are in place{stored}"
+            if kind in SCORED_JOBS:
+                self.query_one(SummaryStrip).ended(kind, "cancelled", detail)
+                self.query_one(ResultsTable).stop_pending("not measured (cancelled)")
+            self._runlog(f"{kind} cancelled; {detail}", "warning")
+            self.notify(f"{kind.capitalize()} cancelled; {detail}.", severity="warning")
         elif error:
-            self._set_stage("failed", 0, 1)
+            view["status"] = "failed"
+            status.job_ended("failed")
+            if kind in SCORED_JOBS:
+                self.query_one(SummaryStrip).ended(kind, "failed", error)
+                self.query_one(ResultsTable).stop_pending("not measured (failed)")
             self._error(error)
-        elif kind == "trace":
-            self._trace_done(result)
         else:
-            self._set_stage(f"{kind} finished", 1, 1)
-            self.current_run.update({"run_id": result.run_id, "summary": result.summary, "kind": kind})
-            self.query_one(SummaryStrip).show(kind, result.summary)
-            if kind == "edit" and result.side_effects:
-                self.query_one(SummaryStrip).show(kind, {**result.side_effects, **result.summary})
-            self._update_flags(result.rows, kind)
-            runlog.log_message(f"{kind} run {result.run_id} finished")
-            runlog.log_message(summary_text(kind, result.summary).plain)
+            view.update(
+                {"run_id": result.run_id, "summary": result.summary, "kind": kind, "status": "finished"}
+            )
+            status.job_ended("finished")
+            if kind == "trace":
+                self._show_trace(result.trace)
+                self.trace_rows = list(result.rows)
+            else:
+                strip = self.query_one(SummaryStrip)
+                summary = result.summary
+                if kind == "edit" and result.side_effects:
+                    summary = {**result.side_effects, **summary}
+                strip.show(kind, summary)
+                self._update_flags(result.rows, kind)
+                self._runlog(summary_text(kind, result.summary).plain)
+            self._runlog(f"{kind} run {result.run_id} finished")
             self.notify(f"{kind.capitalize()} finished (run {result.run_id}).")
             note = result.summary.get("convergence_note") if kind == "edit" else None
             if note:
-                runlog.log_message(note, "warning")
-                # Untrusted prompt text is in the note: plain text, never markup.
+                self._runlog(note, "warning")
                 self.notify(
                     note, title="Edits that did not take", severity="warning", markup=False, timeout=15
                 )
-        self.action_reload_runs()
+        self.bell()
+        self._runs_signature = None  # re-read the runs list at the next poll
+
+    def _view_for_kind(self, kind: str) -> dict[str, Any]:
+        return self.views.setdefault({"ablation": "ablation", "trace": "trace"}.get(kind, "results"), {})
 
     def _update_flags(self, rows: list[dict[str, Any]], kind: str) -> None:
-        threshold = self.current_run.get("threshold", 0.1)
+        threshold = self.views.get("results", {}).get("threshold", 0.1)
         if kind == "baseline":
             means = {r["prompt"]: r["mean"] for r in rows}
         else:
@@ -588,31 +714,287 @@ class DetoxApp(App[None]):
         if means:
             self.query_one(PromptPicker).set_baseline(means, threshold)
 
-    def _trace_done(self, result: Any) -> None:
+    def _show_trace(self, trace: Any) -> None:
         from detox_tui.backends.tracing import peak_layers
 
-        self.last_trace = result
-        peak = peak_layers(result, k=min(3, result.layers))
-        title = f"{result.kind} trace of {result.continuation.strip()!r}: p clean {result.p_clean:.3f}, corrupted {result.p_corrupted:.3f}"
-        self.query_one(TracePanel).show_result(result.tokens, result.scores, peak, title)
+        peak = peak_layers(trace, k=min(3, trace.layers))
+        title = (
+            f"{trace.kind} trace of {trace.continuation.strip()!r}: "
+            f"p clean {trace.p_clean:.3f}, corrupted {trace.p_corrupted:.3f}"
+        )
+        self.query_one(TracePanel).show_result(trace.tokens, trace.scores, peak, title)
         self.query_one(LayerPicker).set_trace_peak(peak)
-        self._set_stage("trace finished", 1, 1)
-        self.query_one(RunLog).log_message(f"trace finished; peak layers {peak}")
+        self._runlog(f"trace finished; peak layers {peak}")
 
-    def action_cancel(self, quiet: bool = False) -> None:
-        """Ask the running job to stop at its next step (escape: leaves a text field first, quiet when idle)."""
-        if quiet and isinstance(self.focused, Input):
+    # ------------------------------------------------------------------ cancel, leave, quit
+
+    def action_cancel(self) -> None:
+        """Ask, then stop the running job at its next step; the engine restores the weights."""
+        if not self.running:
+            self.notify("Nothing is running.", timeout=2)
+            return
+        job, kind = self.job, self.running
+
+        def answer(yes: bool | None) -> None:
+            if yes and self.running and self.job == job:
+                self.cancel_event.set()
+                self._status().stage(f"cancelling {kind}…", 0, 0)
+                self._runlog(f"cancel requested for {kind}", "warning")
+
+        self.push_screen(
+            ConfirmDialog(
+                f"Cancel the running {kind}?",
+                "It stops at its next step; the original weights are restored and the run is stored as cancelled.",
+                yes="Cancel run",
+                no="Keep running",
+            ),
+            answer,
+        )
+
+    def action_leave_field(self) -> None:
+        """Escape: leave a text field for the tab's main widget. It never cancels a job."""
+        if isinstance(self.focused, Input):
             target = TAB_FOCUS.get(str(self.query_one(TabbedContent).active))
             if target:
                 self.query_one(target).focus()
-                return
+
+    async def action_quit(self) -> None:
         if not self.running:
-            if not quiet:
-                self.notify("Nothing is running.", timeout=2)
+            self.exit()
             return
-        self.cancel_event.set()
-        self.query_one("#stage", Label).update(f"cancelling {self.running}…")
-        self.query_one(RunLog).log_message(f"cancel requested for {self.running}", "warning")
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.cancel_event.set()
+                self.exit()
+
+        self.push_screen(
+            ConfirmDialog(
+                f"Quit while a {self.running} runs?",
+                "The job is cancelled; whatever it finished is already in the run store.",
+                yes="Quit",
+                no="Keep running",
+            ),
+            answer,
+        )
+
+    # ------------------------------------------------------------------ help and settings
+
+    def action_help(self) -> None:
+        """The current tab's keys and the global ones."""
+        if isinstance(self.screen, HelpScreen):
+            return
+        tab = str(self.query_one(TabbedContent).active)
+        title = dict(TABS).get(tab, tab)
+        tab_bindings: list[Binding] = []
+        target = TAB_FOCUS.get(tab)
+        if target:
+            # Our widgets' own keys (the framework's cursor keys are summarised in one line).
+            node: Any = self.query_one(target)
+            while isinstance(node, Widget) and not isinstance(node, Screen):
+                for cls in type(node).__mro__:
+                    if cls.__module__.startswith("detox_tui.") and "BINDINGS" in cls.__dict__:
+                        tab_bindings += [b for b in cls.__dict__["BINDINGS"] if isinstance(b, Binding)]
+                node = node.parent
+        global_bindings = [b for _key, b in self._bindings]
+        sections = [
+            (
+                f"{title} tab",
+                [*binding_rows(self, tab_bindings), ("arrows pgup pgdn", "Move; Tab moves between fields")],
+            ),
+            ("Everywhere", binding_rows(self, global_bindings)),
+        ]
+        self.push_screen(HelpScreen(sections))
+
+    def action_settings(self) -> None:
+        """Scorer, device, dtype, sampling and protocol, applied without a restart."""
+        if isinstance(self.screen, SettingsDialog):
+            return
+
+        def apply(new: Settings | None) -> None:
+            if new is None or new == self.settings:
+                return
+            changes = settings_changes(self.settings, new)
+            if self.running and changes & {"model", "scorer"}:
+                self._error(f"A {self.running} is running; change the scorer or device when it ends.")
+                return
+            old, self.settings = self.settings, new
+            if "sampling" in changes:
+                what = (
+                    f"the {new.eval_protocol} protocol"
+                    if new.eval_protocol
+                    else (f"temperature {new.temperature}, top-p {new.top_p}, top-k {new.top_k}")
+                )
+                self._runlog(f"sampling for the next runs: {what}")
+                self.notify(f"The next runs sample with {what}.", timeout=4)
+            if "model" in changes or (self.workbench is None and "scorer" in changes):
+                self._runlog(f"reloading {self.model_name} on {new.device} ({new.dtype}) with {new.scorer}")
+                self.workbench = None
+                self._status().set_model(self._model_status("loading"))
+                self.load_workbench_worker(self._base_config())
+            elif "scorer" in changes:
+                self._status().set_model(self._model_status(f"loading scorer {new.scorer}…"))
+                self.scorer_worker(new.scorer, old.scorer)
+
+        self.push_screen(SettingsDialog(self.settings, SCORER_SUGGESTIONS), apply)
+
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def scorer_worker(self, name: str, previous: str) -> None:
+        try:
+            self.workbench.set_scorer(name)
+        except UserError as exc:
+            self.post_message(ScorerChanged(previous, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            log.exception("scorer failed")
+            self.post_message(ScorerChanged(previous, f"The scorer '{name}' did not load: {exc}."))
+            return
+        self.post_message(ScorerChanged(name))
+
+    @on(ScorerChanged)
+    def _scorer_changed(self, message: ScorerChanged) -> None:
+        if message.error:
+            self.settings = Settings(**{**self.settings.__dict__, "scorer": message.name})
+            self._error(message.error)
+        else:
+            self._runlog(f"scorer: {message.name}")
+            self.notify(f"Scorer {message.name} loaded.", timeout=3)
+        self._show_model_status()
+
+    # ------------------------------------------------------------------ the run store: list, follow, open
+
+    def _poll_store(self) -> None:
+        if self.workbench is None or self._polling:
+            return
+        self._polling = True
+        self.store_worker(
+            self.workbench,
+            dict(self.followed) if self.followed else None,
+            self._runs_signature,
+            bool(self.running),
+        )
+
+    @work(thread=True, exclusive=True, group="store", exit_on_error=False)
+    def store_worker(self, wb: Any, followed: dict[str, Any] | None, signature: Any, busy: bool) -> None:
+        """Read the store off the UI thread; the snapshot carries only what changed."""
+        self.post_message(read_store(wb, followed, signature, busy))
+
+    @on(StoreSnapshot)
+    def _store_snapshot(self, message: StoreSnapshot) -> None:
+        self._polling = False
+        if message.error:
+            self._runlog(message.error, "error")
+            return
+        if message.runs is not None:
+            self._runs_signature = runs_signature(message.runs)
+            self.query_one(RunsBrowser).set_runs(message.runs)
+        if message.memory is not None or self.running:
+            self._status().set_memory(message.memory)
+        if message.followed is not None and self.followed and message.followed["id"] == self.followed["id"]:
+            run = message.followed
+            self.followed.update({"n_rows": run.get("n_rows"), "status": run["status"]})
+            self._show_run(run, message.followed_rows, quiet=True)
+            if run["status"] != "running":
+                self.notify(f"Run {run['id']} {run['status']}.", timeout=5)
+                self.bell()
+                self.followed = None
+
+    def action_reload_runs(self) -> None:
+        self._runs_signature = None
+        self._poll_store()
+
+    @on(RunsBrowser.Reload)
+    def _reload(self) -> None:
+        self.action_reload_runs()
+
+    @on(RunsBrowser.Open)
+    def _open_run(self, event: RunsBrowser.Open) -> None:
+        if self.running:
+            self.notify(
+                f"A {self.running} is running and its results are on screen; open runs when it ends.",
+                severity="warning",
+            )
+            return
+        self.open_run_worker(self.workbench, event.run_id)
+
+    @work(thread=True, exclusive=True, group="open", exit_on_error=False)
+    def open_run_worker(self, wb: Any, run_id: str) -> None:
+        try:
+            self.post_message(read_run(wb, run_id))
+        except UserError as exc:
+            self.post_message(LoadFailed("run", str(exc)))
+
+    @on(RunOpened)
+    def _run_opened(self, message: RunOpened) -> None:
+        run = message.run
+        if self.running:
+            return
+        self._show_run(run, message.rows, trace=message.trace)
+        if run["status"] == "running":
+            self.followed = {"id": run["id"], "n_rows": run.get("n_rows"), "status": "running"}
+            self.notify(f"Following {run['kind']} run {run['id']} as it runs.", timeout=4)
+        else:
+            self.followed = None
+            self.notify(f"Opened {run['kind']} run {run['id']} ({run['status']}).", timeout=4)
+
+    def _show_run(
+        self,
+        run: dict[str, Any],
+        rows: dict[str, list[dict[str, Any]]],
+        trace: Any = None,
+        quiet: bool = False,
+    ) -> None:
+        """Fill the views from a stored run (finished, or still being written by another process)."""
+        kind, status = run["kind"], run["status"]
+        threshold = ((run.get("config") or {}).get("scoring") or {}).get("threshold", 0.1)
+        meta = {
+            "kind": kind,
+            "run_id": run["id"],
+            "summary": run.get("summary") or {},
+            "threshold": threshold,
+            "status": status,
+        }
+        if kind == "trace":
+            self.views["trace"] = meta
+            self.trace_rows = rows.get("trace", [])
+            if trace is not None:
+                self._show_trace(trace)
+            if not quiet:
+                self.action_show_tab("trace")
+            return
+        table = self.query_one(ResultsTable)
+        n_prompts = len(run.get("prompts") or [])
+        if kind == "baseline":
+            table.load_rows("baseline", rows.get("baseline", []), threshold)
+        else:
+            table.load_rows("edit", rows.get("edit", []), threshold)
+        self.views["results"] = {**meta, "kind": "edit" if kind == "ablation" else kind}
+        if kind == "ablation":
+            self.views["ablation"] = meta
+            chart = self.query_one(AblationChart)
+            chart.reset()
+            for row in rows.get("ablation", []):
+                chart.add_config(row)
+        strip = self.query_one(SummaryStrip)
+        if status == "finished":
+            strip.show(kind, run.get("summary") or {})
+        elif status == "running":
+            strip.running(kind, n_prompts, f"{kind} run {run['id']} running in another process")
+            strip.live(kind, table.rows_data, n_prompts)
+        else:
+            strip.ended(kind, status, run.get("error") or "")
+        if not quiet:
+            self.action_show_tab("ablation" if kind == "ablation" else "results")
+
+    @on(RunsBrowser.Compare)
+    def _compare(self, event: RunsBrowser.Compare) -> None:
+        store = self.workbench.store
+        try:
+            first, second = store.get_run(event.first), store.get_run(event.second)
+        except UserError as exc:
+            self._error(str(exc))
+            return
+        self.push_screen(CompareRuns(first, second))
 
     # ------------------------------------------------------------------ other actions
 
@@ -662,19 +1044,25 @@ class DetoxApp(App[None]):
         self.query_one(ScoreBars).show_row(event.row)
 
     def _export_rows(self) -> tuple[str, list[dict[str, Any]]]:
-        if self.query_one(TabbedContent).active == "ablation":
-            chart = self.query_one(AblationChart)
-            return "ablation", list(chart.rows_by_key.values())
+        view = self._view_of_tab()
+        if view == "ablation":
+            return "ablation", list(self.query_one(AblationChart).rows_by_key.values())
+        if view == "trace":
+            return "trace", list(self.trace_rows)
         table = self.query_one(ResultsTable)
         return table.mode, [r for r in table.rows_data if not r.get("pending")]
 
     def action_export(self) -> None:
-        """Export the current table through a dialog."""
+        """Export the current tab's table through a dialog."""
         kind, rows = self._export_rows()
         if not rows:
             self.notify("There are no rows to export yet.", severity="warning")
             return
-        run_id = self.current_run.get("run_id") or "unsaved"
+        view = self.views.get(self._view_of_tab(), {})
+        run_id = view.get("run_id")
+        if not run_id:
+            self.notify("The run has not been stored yet; export when it has started.", severity="warning")
+            return
         default = str(Path.cwd() / f"detox-{kind}-{run_id}.csv")
 
         def write(request: ExportRequest | None) -> None:
@@ -685,84 +1073,35 @@ class DetoxApp(App[None]):
             meta = {
                 "run_id": run_id,
                 "kind": kind,
+                "status": view.get("status") or "running",
                 "model": self.model_name,
-                "summary": self.current_run.get("summary") or {},
+                "summary": view.get("summary") or {},
             }
             try:
                 # A clash between the format and the file's extension is refused here too (a UserError).
                 paths = export_files(
-                    rows, request.path, request.fmt, meta=meta, overwrite=True, columns=request.columns
+                    rows,
+                    request.path,
+                    request.fmt,
+                    meta=meta,
+                    overwrite=True,
+                    columns=request.columns,
+                    kind=kind,
                 )
             except UserError as exc:
                 self._error(str(exc))
                 return
             path = paths[0]
             also = f" (summary in {paths[1].name})" if len(paths) > 1 else ""
-            self.query_one(RunLog).log_message(f"exported {len(rows)} rows to {path}{also}")
-            self.notify(f"Wrote {len(rows)} rows to {path}{also}.")
+            self._runlog(f"exported {len(rows)} rows to {path}{also}")
+            self.notify(f"Wrote {len(rows)} rows to {path}{also}.", markup=False)
 
         self.push_screen(ExportDialog(default), write)
-
-    def action_reload_runs(self) -> None:
-        if self.workbench is None:
-            return
-        try:
-            runs = self.workbench.store.list_runs()
-        except UserError as exc:
-            self._error(str(exc))
-            return
-        self.query_one(RunsBrowser).set_runs(runs)
-
-    @on(RunsBrowser.Reload)
-    def _reload(self) -> None:
-        self.action_reload_runs()
-
-    @on(RunsBrowser.Open)
-    def _open_run(self, event: RunsBrowser.Open) -> None:
-        store = self.workbench.store
-        try:
-            run = store.get_run(event.run_id)
-        except UserError as exc:
-            self._error(str(exc))
-            return
-        kind = run["kind"]
-        threshold = ((run.get("config") or {}).get("scoring") or {}).get("threshold", 0.1)
-        table = self.query_one(ResultsTable)
-        if kind == "baseline":
-            table.load_rows("baseline", store.rows(run["id"], "baseline"), threshold)
-        else:
-            table.load_rows("edit", store.rows(run["id"], "edit"), threshold)
-        if kind == "ablation":
-            chart = self.query_one(AblationChart)
-            chart.reset()
-            for row in store.rows(run["id"], "ablation"):
-                chart.add_config(row)
-        self.current_run = {
-            "kind": kind,
-            "run_id": run["id"],
-            "summary": run.get("summary") or {},
-            "threshold": threshold,
-        }
-        self.query_one(SummaryStrip).show(kind, run.get("summary") or {})
-        self.action_show_tab("ablation" if kind == "ablation" else "results")
-        self.notify(f"Opened {kind} run {run['id']} ({run['status']}).")
-
-    @on(RunsBrowser.Compare)
-    def _compare(self, event: RunsBrowser.Compare) -> None:
-        store = self.workbench.store
-        try:
-            first, second = store.get_run(event.first), store.get_run(event.second)
-        except UserError as exc:
-            self._error(str(exc))
-            return
-        self.push_screen(CompareRuns(first, second))
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
         tab = event.pane.id if event.pane is not None else None
-        if tab == "runs":
-            self.action_reload_runs()
-        elif tab == "trace":
+        if tab == "trace" and not self.running:
             self._prefill_trace()
 
     @on(Input.Submitted, "#trace-prompt, #trace-cont, #trace-window")
@@ -777,13 +1116,24 @@ class DetoxApp(App[None]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for action, title, help_text in COMMANDS:
-            yield SystemCommand(title, help_text, getattr(self, f"action_{action}"))
-        for tab, title in TABS:
+        keys: dict[str, list[str]] = {}
+        for c in COMMANDS:
+            keys.setdefault(c.action, []).append(self.get_key_display(Binding(c.key, c.action)))
+        for c in COMMANDS:
+            if c.action not in keys or c.action == "quit":
+                continue
+            shown = ", ".join(keys.pop(c.action))
+            yield SystemCommand(f"{c.title}  ({shown})", c.help, getattr(self, f"action_{c.action}"))
+        for tab, action, title, help_text in WIDGET_COMMANDS:
+            yield SystemCommand(title, help_text, lambda t=tab, a=action: self._widget_action(t, a))
+        for i, (tab, title) in enumerate(TABS):
             yield SystemCommand(
-                f"Go to {title}", f"Show the {title} tab", lambda t=tab: self.action_show_tab(t)
+                f"Go to {title}  ({i + 1})", f"Show the {title} tab", lambda t=tab: self.action_show_tab(t)
             )
 
-    async def action_quit(self) -> None:
-        self.cancel_event.set()
-        self.exit()
+    def _widget_action(self, tab: str, action: str) -> None:
+        self.action_show_tab(tab)
+        widget = self.query_one(TAB_FOCUS[tab])
+        method = getattr(widget, f"action_{action}", None)
+        if method is not None:
+            method()

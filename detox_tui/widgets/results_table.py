@@ -254,6 +254,11 @@ class ResultsTable(SortableTable, DataTable):
             else:
                 self._put(f"{row.get('config', '')}|{row['idx']}", row)
 
+    def stop_pending(self, label: str) -> None:
+        """The run ended before these prompts were measured after the edit: say so ("cancelled", "failed")."""
+        for key in [k for k, row in self.data.items() if row.get("pending")]:
+            self._put(key, {**self.data[key], "pending_label": label})
+
     def load_rows(self, mode: str, rows: Sequence[dict[str, Any]], threshold: float | None = None) -> None:
         """Show the stored rows of a finished run."""
         self.start(mode, threshold)
@@ -349,7 +354,9 @@ class ResultsTable(SortableTable, DataTable):
             "detoxified": Text("") if pending else _verdict(row),
             "converged": Text("") if pending else _converged(row),
             "before": fmt_ci(row.get("before")),
-            "after": Text("running…", style="dim") if pending else fmt_ci(row.get("after")),
+            "after": Text(row.get("pending_label", "running…"), style="dim")
+            if pending
+            else fmt_ci(row.get("after")),
             "reduction": Text("")
             if fall is None
             else Text(f"{fall:+.2f}", style="green" if fall > 0 else "red"),

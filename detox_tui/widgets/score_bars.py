@@ -55,6 +55,12 @@ class ScoreBars(Vertical):
             yield Static("", id="spark-after", classes="spark")
             yield Static("", id="bar-after", classes="bar")
 
+    def clear(self) -> None:
+        """Nothing highlighted (a new run started)."""
+        self.query_one("#bars-title", Label).update("Highlight a row to see its sample scores.")
+        for wid in ("#spark-before", "#spark-after", "#bar-before", "#bar-after"):
+            self.query_one(wid, Static).update("")
+
     def show_row(self, row: dict[str, Any]) -> None:
         """Show a baseline row (samples) or an edit row (samples_before / samples_after)."""
         before = row.get("samples_before", row.get("samples")) or []

@@ -60,22 +60,63 @@ def summary_text(kind: str, summary: dict[str, Any]) -> Text:
     return text
 
 
+IDLE_TEXT = "No run yet: select prompts, then b (baseline) or e (edit)."
+
+
 class SummaryStrip(Static):
-    """The run's headline numbers in one strip."""
+    """The headline numbers of the run the results tabs show: live while it runs, its state when it ends."""
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__("No run yet: select prompts, then b (baseline) or e (edit).", id=id)
+        super().__init__(IDLE_TEXT, id=id)
         self.kind: str | None = None
+        self.state = "idle"  # idle | running | finished | cancelled | failed
         self.summary: dict[str, Any] = {}
 
-    def show(self, kind: str, summary: dict[str, Any]) -> None:
-        self.kind, self.summary = kind, dict(summary)
-        self.update(summary_text(kind, summary))
+    def show(self, kind: str, summary: dict[str, Any], state: str = "finished") -> None:
+        """A finished run's summary (``state`` "running" for a run another process is still writing)."""
+        self.kind, self.state, self.summary = kind, state, dict(summary)
+        text = summary_text(kind, summary)
+        if state != "finished":
+            text = Text.assemble((f"{state}  ", "bold yellow"), text)
+        self.update(text)
+
+    def running(self, kind: str, n_prompts: int, label: str | None = None) -> None:
+        """A run just started: nothing of the previous run stays on screen."""
+        self.kind, self.state, self.summary = kind, "running", {}
+        what = label or f"{kind} running on {n_prompts} prompt{'s' if n_prompts != 1 else ''}"
+        self.update(Text(f"{what}…", style="bold"))
+
+    def live(self, kind: str, rows: list[dict[str, Any]], n_prompts: int) -> None:
+        """The running run's rows so far: counts only, never a verdict on prompts not yet measured."""
+        if self.state != "running":
+            return
+        done = [r for r in rows if not r.get("pending")]
+        text = Text(f"{kind} running  ", style="bold")
+        text.append(f"{len(done)}/{n_prompts} prompts measured")
+        if kind == "baseline" and done:
+            means = [r["mean"] for r in done if r.get("mean") is not None]
+            if means:
+                text.append(f"  mean so far {sum(means) / len(means):.3f}")
+        elif kind in ("edit", "ablation") and done:
+            k = sum(1 for r in done if r.get("detoxified"))
+            text.append(f"  detoxified so far {k}/{len(done)}")
+            nc = sum(1 for r in done if r.get("converged") is False)
+            if nc:
+                text.append(f"  {nc} NOT CONVERGED", style="bold yellow")
+        if any(r.get("collapsed") for r in done) or self.summary.get("collapsed"):
+            text.append("  COLLAPSED", style="bold white on red")
+        self.update(text)
+
+    def ended(self, kind: str, state: str, detail: str = "") -> None:
+        """A run that did not finish: say so in place of numbers (``detail`` is plain text)."""
+        self.kind, self.state, self.summary = kind, state, {}
+        style = "bold yellow" if state == "cancelled" else "bold red"
+        text = Text(f"{kind} {state}", style=style)
+        if detail:
+            text.append(f"  {detail}")
+        self.update(text)
 
     def show_side_effects(self, row: dict[str, Any]) -> None:
-        """Live update while an edit runs: neutral perplexity of the last edit."""
-        merged = dict(self.summary)
-        merged.update({k: row.get(k) for k in ("ppl_before", "ppl_after")})
-        merged["collapsed"] = bool(self.summary.get("collapsed")) or bool(row.get("collapsed"))
-        self.kind, self.summary = "edit", merged
-        self.update(summary_text("edit", merged))
+        """Live update while an edit runs: a collapsed edit is flagged at once."""
+        if row.get("collapsed"):
+            self.summary["collapsed"] = True
