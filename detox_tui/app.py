@@ -209,8 +209,8 @@ class DetoxApp(App[None]):
         self.load_prompts_worker()
         self.load_workbench_worker(self._base_config())
         if self.initial_run_settings:
-            self.query_one(MethodForm).set_run_settings(self.initial_run_settings)
-        self.query_one("#prompt-list").focus()
+            self._q(MethodForm).set_run_settings(self.initial_run_settings)
+        self._q("#prompt-list").focus()
         self.set_interval(self.STORE_POLL, self._poll_store)
         self._capture_logging()
 
@@ -233,11 +233,16 @@ class DetoxApp(App[None]):
     def _log_line(self, message: LogLine) -> None:
         self._runlog(message.message, message.level)
 
+    def _q(self, selector: Any, expect_type: Any = None) -> Any:
+        """A widget of the main screen, also while a dialog is on top (``App.query_one`` searches the top screen)."""
+        screen = self.screen_stack[0] if self.screen_stack else self.screen
+        return screen.query_one(selector, expect_type)
+
     def _status(self) -> StatusBar:
-        return self.query_one(StatusBar)
+        return self._q(StatusBar)
 
     def _runlog(self, message: str, level: str = "info") -> None:
-        self.query_one(RunLog).log_message(message, level)
+        self._q(RunLog).log_message(message, level)
 
     def _short_model(self) -> str:
         return Path(str(self.model_name).rstrip("/")).name or str(self.model_name)
@@ -265,7 +270,7 @@ class DetoxApp(App[None]):
 
     @on(PromptsLoaded)
     def _prompts_loaded(self, message: PromptsLoaded) -> None:
-        self.query_one(PromptPicker).set_items(message.items)
+        self._q(PromptPicker).set_items(message.items)
         self._runlog(f"{len(message.items)} prompts from {message.source}")
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
@@ -299,15 +304,15 @@ class DetoxApp(App[None]):
         lm = wb.lm
         self._show_model_status()
         if first:
-            form = self.query_one(MethodForm)
+            form = self._q(MethodForm)
             if self.initial_method:
                 form.set_method(self.initial_method)
                 if self.initial_hparams:
                     form.set_defaults(self.initial_method, self.initial_hparams)
             form.set_model(lm)
-            self.query_one(LayerPicker).set_model(lm.n_layers, self._default_layers(form.method))
+            self._q(LayerPicker).set_model(lm.n_layers, self._default_layers(form.method))
             if self.initial_ablation:
-                self.query_one(LayerPicker).set_configs(self.initial_ablation)
+                self._q(LayerPicker).set_configs(self.initial_ablation)
         self._status().stage("ready", 1, 1)
         self._status().job_ended("loaded")
         self._runlog(f"loaded {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, on {lm.device}")
@@ -393,25 +398,23 @@ class DetoxApp(App[None]):
             p = last_progress
             self._status().stage(f"{p.stage} {p.message}".strip(), p.done, p.total, stage_key=p.stage)
         if rows_changed and self.running in SCORED_JOBS:
-            self.query_one(SummaryStrip).live(
-                self.running, self.query_one(ResultsTable).rows_data, self.job_prompts
-            )
+            self._q(SummaryStrip).live(self.running, self._q(ResultsTable).rows_data, self.job_prompts)
 
     def _view_for_job(self) -> dict[str, Any]:
         view = {"ablation": "ablation", "trace": "trace"}.get(self.running or "", "results")
         return self.views.setdefault(view, {})
 
     def _view_of_tab(self) -> str:
-        tab = str(self.query_one(TabbedContent).active)
+        tab = str(self._q(TabbedContent).active)
         return tab if tab in ("ablation", "trace") else "results"
 
     def _row_ready(self, table: str, row: dict[str, Any]) -> None:
         if table in ("baseline", "before", "edit"):
-            self.query_one(ResultsTable).add_result(table, row)
+            self._q(ResultsTable).add_result(table, row)
             if table in ("baseline", "before"):
                 self.baseline_rows[row["prompt"]] = row
         elif table == "side_effects":
-            self.query_one(SummaryStrip).show_side_effects(row)
+            self._q(SummaryStrip).show_side_effects(row)
             flag = "  COLLAPSED" if row.get("collapsed") else ""
             self._runlog(
                 f"side effects ({row.get('config') or 'preset'}): neutral ppl {row.get('ppl_before', 0):.2f} -> "
@@ -419,7 +422,7 @@ class DetoxApp(App[None]):
                 "warning" if flag else "info",
             )
         elif table == "ablation":
-            self.query_one(AblationChart).add_config(row)
+            self._q(AblationChart).add_config(row)
         elif table == "trace":
             self.trace_rows.append(row)
 
@@ -458,7 +461,7 @@ class DetoxApp(App[None]):
     def _config(self, method: str | None = None, layers: list[int] | None = None) -> ExperimentConfig:
         """The ExperimentConfig of the current form and settings (UserError for invalid fields); UI thread only."""
         cfg = self._base_config()
-        form = self.query_one(MethodForm)
+        form = self._q(MethodForm)
         run = form.run_settings()
         s = self.settings
         cfg.generation = GenerationConfig(
@@ -479,7 +482,7 @@ class DetoxApp(App[None]):
         return cfg
 
     def _edit_layers(self, method: str) -> list[int] | None:
-        layers = self.query_one(LayerPicker).selected_layers
+        layers = self._q(LayerPicker).selected_layers
         if not layers:
             from detox_tui.backends.editing.base import editor_class
 
@@ -510,11 +513,11 @@ class DetoxApp(App[None]):
         self.views[view] = {"kind": kind, "run_id": None, "summary": {}, "threshold": cfg.scoring.threshold}
         if kind in SCORED_JOBS:
             self.views["results"] = {**self.views[view], "kind": "edit" if kind == "ablation" else kind}
-            self.query_one(ResultsTable).start(kind, cfg.scoring.threshold)
-            self.query_one(SummaryStrip).running(kind, len(items))
-            self.query_one(ScoreBars).clear()
+            self._q(ResultsTable).start(kind, cfg.scoring.threshold)
+            self._q(SummaryStrip).running(kind, len(items))
+            self._q(ScoreBars).clear()
         if kind == "ablation":
-            self.query_one(AblationChart).reset()
+            self._q(AblationChart).reset()
         if kind == "trace":
             self.trace_rows = []
         self._runlog(f"starting {kind}" + (f" on {len(items)} prompt(s)" if items else ""))
@@ -542,7 +545,7 @@ class DetoxApp(App[None]):
         """Edit with the chosen method and layers, measured before and after."""
         if not self._can_run("edit"):
             return
-        form = self.query_one(MethodForm)
+        form = self._q(MethodForm)
         try:
             items = self._selected_prompts()
             layers = self._edit_layers(form.method)
@@ -557,8 +560,8 @@ class DetoxApp(App[None]):
         """One edit per configuration in the ablation list."""
         if not self._can_run("ablation"):
             return
-        form = self.query_one(MethodForm)
-        configs = [list(c) for c in self.query_one(LayerPicker).configs]
+        form = self._q(MethodForm)
+        configs = [list(c) for c in self._q(LayerPicker).configs]
         try:
             items = self._selected_prompts()
             if not configs:
@@ -576,7 +579,7 @@ class DetoxApp(App[None]):
         """Causal trace of the Trace tab's prompt and continuation."""
         if not self._can_run("trace"):
             return
-        if self.query_one(TabbedContent).active != "trace":
+        if self._q(TabbedContent).active != "trace":
             self._prefill_trace()
             self.action_show_tab("trace")
             self.notify("Check the prompt and continuation, then press t again to trace.")
@@ -584,8 +587,8 @@ class DetoxApp(App[None]):
         from detox_tui.pipeline.trace_run import TraceSpec
 
         try:
-            request = self.query_one(TracePanel).request()
-            seed = self.query_one(MethodForm).run_settings()["seed"]
+            request = self._q(TracePanel).request()
+            seed = self._q(MethodForm).run_settings()["seed"]
         except UserError as exc:
             self._error(str(exc))
             return
@@ -600,15 +603,15 @@ class DetoxApp(App[None]):
         self._start("trace", [], self._base_config(), spec)
 
     def _selected_prompts(self) -> list[PromptItem]:
-        items = self.query_one(PromptPicker).selected_items()
+        items = self._q(PromptPicker).selected_items()
         if not items:
             raise UserError("No prompts are selected; pick at least one in the Prompts tab.")
         return items
 
     def _prefill_trace(self) -> None:
-        picker = self.query_one(PromptPicker)
+        picker = self._q(PromptPicker)
         items = picker.selected_items() or picker.items
-        lst = self.query_one("#prompt-list")
+        lst = self._q("#prompt-list")
         visible = picker.visible_indices()
         if lst.highlighted is not None and visible:
             items = [picker.items[visible[min(lst.highlighted, len(visible) - 1)]]]
@@ -620,7 +623,7 @@ class DetoxApp(App[None]):
         if not continuation and row and row.get("generations") and row.get("samples"):
             best = max(range(len(row["generations"])), key=lambda i: row["samples"][i])
             continuation = row["generations"][best]
-        self.query_one(TracePanel).prefill(item.prompt, continuation, item.subject)
+        self._q(TracePanel).prefill(item.prompt, continuation, item.subject)
 
     # ------------------------------------------------------------------ the engine worker
 
@@ -664,16 +667,16 @@ class DetoxApp(App[None]):
             status.job_ended("cancelled")
             detail = f"the original weights are in place{stored}"
             if kind in SCORED_JOBS:
-                self.query_one(SummaryStrip).ended(kind, "cancelled", detail)
-                self.query_one(ResultsTable).stop_pending("not measured (cancelled)")
+                self._q(SummaryStrip).ended(kind, "cancelled", detail)
+                self._q(ResultsTable).stop_pending("not measured (cancelled)")
             self._runlog(f"{kind} cancelled; {detail}", "warning")
             self.notify(f"{kind.capitalize()} cancelled; {detail}.", severity="warning")
         elif error:
             view["status"] = "failed"
             status.job_ended("failed")
             if kind in SCORED_JOBS:
-                self.query_one(SummaryStrip).ended(kind, "failed", error)
-                self.query_one(ResultsTable).stop_pending("not measured (failed)")
+                self._q(SummaryStrip).ended(kind, "failed", error)
+                self._q(ResultsTable).stop_pending("not measured (failed)")
             self._error(error)
         else:
             view.update(
@@ -684,7 +687,7 @@ class DetoxApp(App[None]):
                 self._show_trace(result.trace)
                 self.trace_rows = list(result.rows)
             else:
-                strip = self.query_one(SummaryStrip)
+                strip = self._q(SummaryStrip)
                 summary = result.summary
                 if kind == "edit" and result.side_effects:
                     summary = {**result.side_effects, **summary}
@@ -712,7 +715,7 @@ class DetoxApp(App[None]):
         else:
             means = {r["prompt"]: r["before"]["mean"] for r in rows if r.get("before")}
         if means:
-            self.query_one(PromptPicker).set_baseline(means, threshold)
+            self._q(PromptPicker).set_baseline(means, threshold)
 
     def _show_trace(self, trace: Any) -> None:
         from detox_tui.backends.tracing import peak_layers
@@ -722,8 +725,8 @@ class DetoxApp(App[None]):
             f"{trace.kind} trace of {trace.continuation.strip()!r}: "
             f"p clean {trace.p_clean:.3f}, corrupted {trace.p_corrupted:.3f}"
         )
-        self.query_one(TracePanel).show_result(trace.tokens, trace.scores, peak, title)
-        self.query_one(LayerPicker).set_trace_peak(peak)
+        self._q(TracePanel).show_result(trace.tokens, trace.scores, peak, title)
+        self._q(LayerPicker).set_trace_peak(peak)
         self._runlog(f"trace finished; peak layers {peak}")
 
     # ------------------------------------------------------------------ cancel, leave, quit
@@ -754,9 +757,9 @@ class DetoxApp(App[None]):
     def action_leave_field(self) -> None:
         """Escape: leave a text field for the tab's main widget. It never cancels a job."""
         if isinstance(self.focused, Input):
-            target = TAB_FOCUS.get(str(self.query_one(TabbedContent).active))
+            target = TAB_FOCUS.get(str(self._q(TabbedContent).active))
             if target:
-                self.query_one(target).focus()
+                self._q(target).focus()
 
     async def action_quit(self) -> None:
         if not self.running:
@@ -784,13 +787,13 @@ class DetoxApp(App[None]):
         """The current tab's keys and the global ones."""
         if isinstance(self.screen, HelpScreen):
             return
-        tab = str(self.query_one(TabbedContent).active)
+        tab = str(self._q(TabbedContent).active)
         title = dict(TABS).get(tab, tab)
         tab_bindings: list[Binding] = []
         target = TAB_FOCUS.get(tab)
         if target:
             # Our widgets' own keys (the framework's cursor keys are summarised in one line).
-            node: Any = self.query_one(target)
+            node: Any = self._q(target)
             while isinstance(node, Widget) and not isinstance(node, Screen):
                 for cls in type(node).__mro__:
                     if cls.__module__.startswith("detox_tui.") and "BINDINGS" in cls.__dict__:
@@ -887,7 +890,7 @@ class DetoxApp(App[None]):
             return
         if message.runs is not None:
             self._runs_signature = runs_signature(message.runs)
-            self.query_one(RunsBrowser).set_runs(message.runs)
+            self._q(RunsBrowser).set_runs(message.runs)
         if message.memory is not None or self.running:
             self._status().set_memory(message.memory)
         if message.followed is not None and self.followed and message.followed["id"] == self.followed["id"]:
@@ -962,7 +965,7 @@ class DetoxApp(App[None]):
             if not quiet:
                 self.action_show_tab("trace")
             return
-        table = self.query_one(ResultsTable)
+        table = self._q(ResultsTable)
         n_prompts = len(run.get("prompts") or [])
         if kind == "baseline":
             table.load_rows("baseline", rows.get("baseline", []), threshold)
@@ -971,11 +974,11 @@ class DetoxApp(App[None]):
         self.views["results"] = {**meta, "kind": "edit" if kind == "ablation" else kind}
         if kind == "ablation":
             self.views["ablation"] = meta
-            chart = self.query_one(AblationChart)
+            chart = self._q(AblationChart)
             chart.reset()
             for row in rows.get("ablation", []):
                 chart.add_config(row)
-        strip = self.query_one(SummaryStrip)
+        strip = self._q(SummaryStrip)
         if status == "finished":
             strip.show(kind, run.get("summary") or {})
         elif status == "running":
@@ -1000,36 +1003,36 @@ class DetoxApp(App[None]):
 
     def action_show_tab(self, tab: str) -> None:
         """Show a tab and move the focus to its main widget (so the tab's keys work at once)."""
-        self.query_one(TabbedContent).active = tab
+        self._q(TabbedContent).active = tab
         target = TAB_FOCUS.get(tab)
         if target and self.screen is self.screen_stack[0]:
-            self.query_one(target).focus()
+            self._q(target).focus()
 
     def action_focus_filter(self) -> None:
         self.action_show_tab("prompts")
-        self.query_one("#prompt-filter").focus()
+        self._q("#prompt-filter").focus()
 
     def action_select_all(self) -> None:
-        self.query_one(PromptPicker).select_all()
+        self._q(PromptPicker).select_all()
 
     def action_select_none(self) -> None:
-        self.query_one(PromptPicker).select_none()
+        self._q(PromptPicker).select_none()
 
     def action_select_flagged(self) -> None:
-        if not self.query_one(PromptPicker).select_flagged():
+        if not self._q(PromptPicker).select_flagged():
             self.notify(
                 "Run a baseline first: flagged prompts are those at or above the threshold.",
                 severity="warning",
             )
 
     def action_add_config(self) -> None:
-        if self.query_one(LayerPicker).add_config():
+        if self._q(LayerPicker).add_config():
             self.notify("Added the selected layers to the ablation list.", timeout=2)
         else:
             self.notify("Select layers not already in the ablation list first.", severity="warning")
 
     def action_detail(self) -> None:
-        row = self.query_one(ResultsTable).selected_row()
+        row = self._q(ResultsTable).selected_row()
         if row is None:
             self.notify("No result rows yet.", severity="warning")
             return
@@ -1041,15 +1044,15 @@ class DetoxApp(App[None]):
 
     @on(ResultsTable.RowHighlightedData)
     def _row_highlighted(self, event: ResultsTable.RowHighlightedData) -> None:
-        self.query_one(ScoreBars).show_row(event.row)
+        self._q(ScoreBars).show_row(event.row)
 
     def _export_rows(self) -> tuple[str, list[dict[str, Any]]]:
         view = self._view_of_tab()
         if view == "ablation":
-            return "ablation", list(self.query_one(AblationChart).rows_by_key.values())
+            return "ablation", list(self._q(AblationChart).rows_by_key.values())
         if view == "trace":
             return "trace", list(self.trace_rows)
-        table = self.query_one(ResultsTable)
+        table = self._q(ResultsTable)
         return table.mode, [r for r in table.rows_data if not r.get("pending")]
 
     def action_export(self) -> None:
@@ -1111,7 +1114,7 @@ class DetoxApp(App[None]):
     @on(MethodForm.MethodChanged)
     def _method_changed(self, event: MethodForm.MethodChanged) -> None:
         if self.workbench is not None:
-            picker = self.query_one(LayerPicker)
+            picker = self._q(LayerPicker)
             picker.set_default(self._default_layers(event.method), select=True)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
@@ -1133,7 +1136,7 @@ class DetoxApp(App[None]):
 
     def _widget_action(self, tab: str, action: str) -> None:
         self.action_show_tab(tab)
-        widget = self.query_one(TAB_FOCUS[tab])
+        widget = self._q(TAB_FOCUS[tab])
         method = getattr(widget, f"action_{action}", None)
         if method is not None:
             method()

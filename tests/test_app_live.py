@@ -89,6 +89,10 @@ async def test_cancel_asks_first_and_the_strip_says_cancelled_not_the_last_runs_
         assert app.running == "edit" and not isinstance(app.screen, ConfirmDialog)
         await pilot.press("ctrl+x")
         assert isinstance(app.screen, ConfirmDialog)
+        # The job's progress keeps arriving under the dialog (the widgets are on the screen below it).
+        stage = str(app._q("#stage").render())
+        await wait_for(pilot, lambda: str(app._q("#stage").render()) != stage, 30, "progress under the dialog")
+        assert isinstance(app.screen, ConfirmDialog)
         await pilot.press("n")
         await pilot.pause(0.3)
         assert app.running == "edit" and not app.cancel_event.is_set()
