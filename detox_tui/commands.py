@@ -120,6 +120,12 @@ WIDGET_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
         "Sort results…",
         "Choose the column and direction the results table is sorted by",
     ),
+    (
+        "ablation",
+        "sort_menu",
+        "Sort ablation…",
+        "Choose the column and direction the ablation table is sorted by",
+    ),
     ("runs", "sort_menu", "Sort runs…", "Choose the column the runs list is sorted by"),
     ("runs", "open_run", "Open highlighted run", "Show the run's rows and charts (follows it while it runs)"),
     ("runs", "mark", "Mark run for compare", "Mark the highlighted run (two marked runs can be compared)"),

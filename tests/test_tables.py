@@ -445,3 +445,50 @@ async def test_ctrl_a_and_ctrl_n_in_the_prompt_filter_select_the_visible_prompts
         assert picker.query_one("#prompt-filter").value == "xare"
         await pilot.press("end", "backspace")
         assert picker.query_one("#prompt-filter").value == "xar"
+
+
+# ----------------------------------------------------------------------------------------------- ablation
+
+
+def _ablation_row(layers: list[int], share: float, reduction: float) -> dict:
+    return {
+        "key": ",".join(map(str, layers)),
+        "layers": layers,
+        "share_detoxified": share,
+        "share_detoxified_ci_low": max(0.0, share - 0.3),
+        "share_detoxified_ci_high": min(1.0, share + 0.3),
+        "defense_success": share,
+        "n_not_converged": 0,
+        "mean_reduction": reduction,
+        "ci_low": reduction - 0.1,
+        "ci_high": reduction + 0.1,
+        "wilcoxon_p": 0.03,
+        "ppl_before": 20.0,
+        "ppl_after": 21.0,
+        "collapsed": False,
+    }
+
+
+async def test_the_ablation_table_sorts_from_the_sort_menu_and_keeps_order_as_configs_arrive():
+    from detox_tui.widgets.ablation_chart import AblationChart
+
+    class ChartApp(App):
+        def compose(self) -> ComposeResult:
+            yield AblationChart()
+
+    app = ChartApp()
+    async with app.run_test(size=(120, 40)) as pilot:
+        chart = app.query_one(AblationChart)
+        for layers, share, red in (([1], 0.25, 0.2), ([1, 2], 1.0, 0.9), ([2], 0.5, 0.4)):
+            chart.add_config(_ablation_row(layers, share, red))
+        chart.focus()
+        await pilot.pause()
+        await _choose(pilot, "success", True)
+        order = [str(k.value) for k in chart.rows]
+        assert order == ["1,2", "2", "1"]
+        assert any("sorted by % [95% CI], descending" in str(n.message) for n in app._notifications)
+        chart.add_config(_ablation_row([3], 0.75, 0.6))
+        await pilot.pause()
+        assert [str(k.value) for k in chart.rows] == ["1,2", "3", "2", "1"]
+        await pilot.press("S")
+        assert [str(k.value) for k in chart.rows] == ["1", "2", "3", "1,2"]
