@@ -803,7 +803,7 @@ class DetoxApp(App[None]):
         sections = [
             (
                 f"{title} tab",
-                [*binding_rows(self, tab_bindings), ("arrows pgup pgdn", "Move; Tab moves between fields")],
+                [*binding_rows(self, tab_bindings), ("↑ ↓ pgup pgdn", "Move; tab moves between fields")],
             ),
             ("Everywhere", binding_rows(self, global_bindings)),
         ]

@@ -63,13 +63,9 @@ COMMANDS: tuple[Command, ...] = (
         "Run edit",
         "Edit with the chosen method and layers, then measure before/after and side effects",
     ),
-    Command(
-        "ablation", "a", "Ablate", "Run ablation", "One edit per layer configuration in the ablation list"
-    ),
+    Command("ablation", "a", None, "Run ablation", "One edit per layer configuration in the ablation list"),
     Command("trace", "t", None, "Run causal trace", "Trace which layers carry the continuation (Trace tab)"),
-    Command(
-        "export", "x", "Export", "Export table", "Write the current table to CSV, JSON, Markdown or LaTeX"
-    ),
+    Command("export", "x", None, "Export table", "Write the current table to CSV, JSON, Markdown or LaTeX"),
     Command(
         "cancel",
         "ctrl+x",
@@ -80,9 +76,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("help", "question_mark", "Help", "Show keys", "The keys of the current tab and the global ones"),
     Command("help", "f1", None, "Show keys", "The keys of the current tab and the global ones"),
-    Command(
-        "settings", "comma", "Settings", "Settings", "Scorer, device, dtype, sampling and evaluation protocol"
-    ),
+    Command("settings", "comma", None, "Settings", "Scorer, device, dtype, sampling and evaluation protocol"),
     Command("detail", "d", None, "Prompt detail", "Generations before and after for the highlighted row"),
     Command("select_all", "ctrl+a", None, "Select all prompts", "Select every prompt the filter shows"),
     Command("select_none", "ctrl+n", None, "Select no prompts", "Deselect every prompt the filter shows"),

@@ -492,3 +492,31 @@ async def test_the_ablation_table_sorts_from_the_sort_menu_and_keeps_order_as_co
         assert [str(k.value) for k in chart.rows] == ["1,2", "3", "2", "1"]
         await pilot.press("S")
         assert [str(k.value) for k in chart.rows] == ["1", "2", "3", "1,2"]
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_the_ablation_table_fits_its_width_without_cutting_numbers(size):
+    from detox_tui.widgets.ablation_chart import AblationChart
+
+    class ChartApp(App):
+        CSS = "AblationChart { margin: 0 2; }"  # as wide as in the app's tab pane
+
+        def compose(self) -> ComposeResult:
+            yield AblationChart()
+
+    app = ChartApp()
+    async with app.run_test(size=size) as pilot:
+        chart = app.query_one(AblationChart)
+        for layers, share, red in (([1], 0.25, 0.2), ([1, 2, 3, 4], 1.0, 0.9)):
+            chart.add_config(_ablation_row(layers, share, red))
+        await pilot.pause()
+        shown = [str(c.value) for c in chart.columns]
+        # The verdict columns always show; the table needs no horizontal scrolling.
+        for key in ("key", "success", "nc", "reduction", "collapsed"):
+            assert key in shown, shown
+        assert chart.virtual_size.width <= chart.scrollable_content_region.width, (shown, size)
+        lines = "\n".join(chart.render_line(y).text for y in range(chart.size.height))
+        for text in ("0.900 [0.80,1.00]", "0.200 [0.10,0.30]", "100% [70%,100%]", "(1,2,3,4)"):
+            assert text in lines, (text, lines)
+        if size[0] >= 120:
+            assert "bar" in shown and "defense" in shown

@@ -9,7 +9,7 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from detox_tui.widgets.score_bars import bar
-from detox_tui.widgets.sort_menu import SORT_BINDINGS, SortableTable
+from detox_tui.widgets.sort_menu import SORT_BINDINGS, ColumnFit, SortableTable, fit_columns
 
 
 def _f(value: Any, fmt: str) -> str:
@@ -30,6 +30,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ppl", "ppl before->after", "ppl_after"),
     ("collapsed", "collapsed", "collapsed"),
 )
+
+
+# Which columns give way first when the table is narrower than its rows (the share with its CI, convergence,
+# the mean fall with its CI and collapse never do): p first, then ppl, the bar (it repeats the share), defense.
+DROP_ORDER = {"p": (1, 0), "ppl": (1, 1), "bar": (1, 2), "defense": (1, 3)}
 
 
 def _sort_value(row: dict[str, Any], field: str) -> tuple:
@@ -56,14 +61,43 @@ class AblationChart(SortableTable, DataTable):
         self.sort_state: tuple[str, bool] | None = None
 
     def on_mount(self) -> None:
+        self._shown: list[str] = []
         self.reset()
 
     def reset(self) -> None:
         self.rows_by_key = {}
         self.sort_state = None
+        self._shown = []
+        self._rebuild()
+
+    def on_resize(self) -> None:
+        if self._fit() != self._shown:
+            self._rebuild()
+
+    def _fit(self) -> list[str]:
+        """The columns that fit the table's width without cutting a number (see DROP_ORDER)."""
+        cells = [self._cells(r) for r in self.rows_by_key.values()]
+        specs = []
+        for i, (key, label, _field) in enumerate(COLUMNS):
+            width = max([len(label)] + [c[i].cell_len for c in cells])
+            specs.append(ColumnFit(key, width, drop=DROP_ORDER.get(key)))
+        return list(fit_columns(specs, self.size.width - 2, padding=self.cell_padding))
+
+    def _rebuild(self) -> None:
+        """Columns for the current width, then every row again in the current order."""
+        self._shown = self._fit()
         self.clear(columns=True)
         for key, label, _field in COLUMNS:
-            self.add_column(label, key=key)
+            if key in self._shown:
+                self.add_column(label, key=key)
+        order = list(self.rows_by_key)
+        if self.sort_state:
+            order = self._sorted_keys(*self.sort_state)
+        for key in order:
+            self.add_row(*self._shown_cells(self.rows_by_key[key]), key=key)
+
+    def _shown_cells(self, row: dict[str, Any]) -> list[Any]:
+        return [c for (key, _l, _f), c in zip(COLUMNS, self._cells(row)) if key in self._shown]
 
     def sort_columns(self) -> list[tuple[str, str]]:
         return [(key, label) for key, label, _field in COLUMNS if key != "bar"]
@@ -73,27 +107,34 @@ class AblationChart(SortableTable, DataTable):
         if column_key not in fields:
             raise ValueError(f"unknown column {column_key!r}")
         self.sort_state = (column_key, reverse)
-        field = fields[column_key]
+        order = self._sorted_keys(column_key, reverse)
+        current = self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value if self.row_count else None
+        self.clear(columns=False)
+        for key in order:
+            self.add_row(*self._shown_cells(self.rows_by_key[key]), key=key)
+        if current is not None:
+            self.move_cursor(row=order.index(current))
+
+    def _sorted_keys(self, column_key: str, reverse: bool) -> list[str]:
+        field = {key: field for key, _label, field in COLUMNS}[column_key]
         present = [k for k, r in self.rows_by_key.items() if _sort_value(r, field)[0] == 0]
         missing = [k for k in self.rows_by_key if k not in present]
         present.sort(key=lambda k: _sort_value(self.rows_by_key[k], field), reverse=reverse)
-        cursor = self.cursor_row
-        current = self.coordinate_to_cell_key((cursor, 0)).row_key.value if self.row_count else None
-        self.clear(columns=False)
-        for key in present + missing:
-            self.add_row(*self._cells(self.rows_by_key[key]), key=key)
-        if current is not None:
-            self.move_cursor(row=(present + missing).index(current))
+        return present + missing
 
     def add_config(self, row: dict[str, Any]) -> None:
         key = str(row.get("key") or ",".join(map(str, row.get("layers", []))))
-        cells = self._cells(row)
-        if key in self.rows_by_key:
+        known = key in self.rows_by_key
+        self.rows_by_key[key] = row
+        if self._fit() != self._shown:
+            self._rebuild()
+            return
+        cells = self._shown_cells(row)
+        if known:
             for col, cell in zip(self.columns, cells):
                 self.update_cell(key, col, cell, update_width=True)
         else:
             self.add_row(*cells, key=key)
-        self.rows_by_key[key] = row
         if self.sort_state:
             self.sort_by(*self.sort_state)
 

@@ -36,7 +36,13 @@ def binding_rows(app: App, bindings: Iterable[Binding | tuple]) -> list[tuple[st
     seen: set[str] = set()
     for item in bindings:
         binding = item if isinstance(item, Binding) else Binding(*item)
-        key = app.get_key_display(binding)
+        if binding.action == "help_quit":  # Textual's ctrl+c hint, not a key of ours
+            continue
+        # "greater_than_sign,right_square_bracket" is two keys: show both as the app displays them.
+        key = " ".join(
+            app.get_key_display(Binding(k.strip(), binding.action, binding.description))
+            for k in binding.key.split(",")
+        )
         if key in seen:
             continue
         seen.add(key)

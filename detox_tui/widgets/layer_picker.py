@@ -36,7 +36,7 @@ class LayerToggles(Widget, can_focus=True):
     BINDINGS = [
         Binding("left", "move(-1)", "Prev layer", show=False),
         Binding("right", "move(1)", "Next layer", show=False),
-        Binding("space", "toggle", "Toggle layer"),
+        Binding("space", "toggle", "Toggle"),
         Binding("enter", "toggle", "Toggle layer", show=False),
     ]
 

@@ -92,9 +92,9 @@ class RunsBrowser(SortableTable, DataTable):
     """
 
     BINDINGS = [
-        Binding("enter", "open_run", "Open run"),
+        Binding("enter", "open_run", "Open run", show=False),
         Binding("space", "mark", "Mark"),
-        Binding("c", "compare", "Compare 2"),
+        Binding("c", "compare", "Compare"),
         Binding("r", "reload", "Reload", show=False),
         *SORT_BINDINGS,
     ]
