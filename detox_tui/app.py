@@ -8,7 +8,9 @@ The key table is detox_tui.commands; dialogs and screens live in detox_tui.widge
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import threading
 import time
 import traceback
@@ -21,9 +23,10 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import Footer, Header, Input, Label, TabbedContent, TabPane
+from textual.widgets import Header, Input, Label, TabbedContent, TabPane
 
 from detox_tui.commands import APP_NAMES, COMMANDS, TAB_FOCUS, TABS, WIDGET_COMMANDS
 from detox_tui.config import (
@@ -52,6 +55,7 @@ from detox_tui.messages import (
 )
 from detox_tui.prompts.base import PromptItem
 from detox_tui.widgets.ablation_chart import AblationChart
+from detox_tui.widgets.app_footer import AppFooter
 from detox_tui.widgets.confirm_dialog import ConfirmDialog
 from detox_tui.widgets.export_dialog import ExportDialog, ExportRequest
 from detox_tui.widgets.help_screen import HelpScreen, binding_rows
@@ -123,6 +127,10 @@ class DetoxApp(App[None]):
         ablation: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
+        if "TEXTUAL_ANIMATIONS" not in os.environ:
+            # Over SSH every animation frame (the tab underline's slide) is a repaint down the wire, and while a job
+            # runs it competes with the worker for the interpreter; TEXTUAL_ANIMATIONS=full brings them back.
+            self.animation_level = "none"
         self.model_name = model
         self.prompts_source = prompts
         self.data_dir = data_dir
@@ -200,7 +208,7 @@ class DetoxApp(App[None]):
             with TabPane("Log", id="log"):
                 yield RunLog(id="run-log")
         yield StatusBar(id="status-bar")
-        yield Footer(compact=True)
+        yield AppFooter()
 
     def on_mount(self) -> None:
         self.sub_title = self._short_model()
@@ -224,6 +232,9 @@ class DetoxApp(App[None]):
         root.addHandler(self._app_log_handler)
 
     def on_unmount(self) -> None:
+        if self.running:
+            self._hold_full_collections(False)
+        gc.unfreeze()  # what the app froze is collectable again once it has closed (tests, serve)
         root = logging.getLogger()
         root.removeHandler(self._app_log_handler)
         for handler in self._log_handlers:
@@ -232,6 +243,12 @@ class DetoxApp(App[None]):
     @on(LogLine)
     def _log_line(self, message: LogLine) -> None:
         self._runlog(message.message, message.level)
+
+    def check_message_enabled(self, message: Message) -> bool:
+        """Our messages (from workers and widgets) arriving after the screens are gone (the app is closing) are dropped."""
+        if not self.screen_stack and type(message).__module__.startswith("detox_tui."):
+            return False
+        return super().check_message_enabled(message)
 
     def _q(self, selector: Any, expect_type: Any = None) -> Any:
         """A widget of the main screen, also while a dialog is on top (``App.query_one`` searches the top screen)."""
@@ -315,6 +332,10 @@ class DetoxApp(App[None]):
                 self._q(LayerPicker).set_configs(self.initial_ablation)
         self._status().stage("ready", 1, 1)
         self._status().job_ended("loaded")
+        # The model, tokenizer, scorer and the libraries behind them (~500k objects) are never garbage: take them
+        # out of every later full collection, which otherwise pauses the UI for half a second at random.
+        gc.collect()
+        gc.freeze()
         self._runlog(f"loaded {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, on {lm.device}")
         if wb.scorer is None and getattr(wb, "scorer_error", None):
             self._error(f"{wb.scorer_error} Traces still work; choose another scorer in Settings (,).")
@@ -523,6 +544,7 @@ class DetoxApp(App[None]):
         self._runlog(f"starting {kind}" + (f" on {len(items)} prompt(s)" if items else ""))
         self._status().job_started()
         self._status().stage(kind, 0, 1)
+        self._hold_full_collections(True)
         if kind in ("baseline", "edit"):
             self.action_show_tab("results")
         elif kind == "ablation":
@@ -658,6 +680,7 @@ class DetoxApp(App[None]):
         self._flush_feed()  # every event the job emitted before it returned
         kind, error, result = message.kind, message.error, message.result
         self.running = None
+        self._hold_full_collections(False)
         view = self._view_for_kind(kind)
         run_id = view.get("run_id")
         stored = f"; stored as run {run_id}" if run_id else ""
@@ -704,6 +727,21 @@ class DetoxApp(App[None]):
                 )
         self.bell()
         self._runs_signature = None  # re-read the runs list at the next poll
+
+    def _hold_full_collections(self, hold: bool) -> None:
+        """No full garbage collection while a job runs (young generations are still collected); one when it ends.
+
+        A full collection holds the GIL for as long as it scans, so one in the middle of a job stalls the UI
+        thread; at the end of a job, with the model frozen (see _workbench_loaded), it scans only what the app
+        made since it loaded.
+        """
+        young, middle, old = gc.get_threshold()
+        if hold:
+            self._gc_old_threshold = old
+            gc.set_threshold(young, middle, 1_000_000)
+        else:
+            gc.set_threshold(young, middle, getattr(self, "_gc_old_threshold", old))
+            gc.collect()
 
     def _view_for_kind(self, kind: str) -> dict[str, Any]:
         return self.views.setdefault({"ablation": "ablation", "trace": "trace"}.get(kind, "results"), {})

@@ -127,6 +127,16 @@ async def test_help_lists_the_tabs_keys_and_the_global_ones(insult_model_dir, tm
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
 
+        # The footer shows the essentials at 80 columns, and a click on a key runs it.
+        footer = app.query_one("AppFooter")
+        line = str(footer.render())
+        for shown in ("s Sort", "b Baseline", "e Edit", "^x Cancel", "? Help", "palette"):
+            assert shown in line, line
+        start = next(start for start, _end, key in footer.spans if key == "question_mark")
+        await pilot.click("AppFooter", offset=(start, 0))
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+
         # Every app key is also a palette command, whose title names the key.
         titles = [c.title for c in app.get_system_commands(app.screen)]
         for binding in app.BINDINGS:
