@@ -95,6 +95,12 @@ async def take(model_dir: Path, out: Path, size: tuple[int, int], home: Path) ->
         await pilot.press("d")
         await shot("prompt-detail", pilot)
         await pilot.press("escape")
+        await pilot.press("question_mark")
+        await shot("help", pilot)
+        await pilot.press("escape")
+        await pilot.press("comma")
+        await shot("settings", pilot)
+        await pilot.press("escape")
 
         await pilot.press("a")
         await _wait(pilot, lambda: app.running is None)
@@ -108,9 +114,11 @@ async def take(model_dir: Path, out: Path, size: tuple[int, int], home: Path) ->
         await shot("trace", pilot)
 
         await pilot.press("6")
+        await pilot.pause(app.STORE_POLL + 0.5)  # the runs list refreshes from the store by itself
         await shot("runs", pilot)
 
         await pilot.press("3", "x")
+        await pilot.pause()
         await shot("export-dialog", pilot)
         await pilot.press("escape")
     return written
