@@ -250,6 +250,12 @@ class DetoxApp(App[None]):
             return False
         return super().check_message_enabled(message)
 
+    async def _on_message(self, message: Message) -> None:
+        # Posted before the screens went away but handled after: nothing is left to show it on.
+        if not self.screen_stack and type(message).__module__.startswith("detox_tui."):
+            return
+        await super()._on_message(message)
+
     def _q(self, selector: Any, expect_type: Any = None) -> Any:
         """A widget of the main screen, also while a dialog is on top (``App.query_one`` searches the top screen)."""
         screen = self.screen_stack[0] if self.screen_stack else self.screen

@@ -411,7 +411,7 @@ async def test_status_bar_memory(width):
         text = shown(memory)
         assert memory.display and "GPU 3.2/79.6" in text and "87%" in text
         if width >= 120:
-            assert text == "GPU 3.2/79.6 GiB peak 5.1 util 87%"
+            assert text.rstrip() == "GPU 3.2/79.6 GiB peak 5.1 util 87%"
         bar.set_memory({"allocated": 1 * GIB, "peak": 2 * GIB, "total": 16 * GIB, "utilisation": None})
         await pilot.pause()
         assert "1.0/16.0" in shown(memory) and "%" not in shown(memory)

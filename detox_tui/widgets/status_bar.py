@@ -63,7 +63,7 @@ class _StageLabel(Label):
 
     def show(self, name: str, count: str = "") -> None:
         self.stage_name, self.count = visible(name), count
-        self.update(Text(f"{self.stage_name} {count}".strip()))
+        self.refresh()  # its width is the bar's spare width, whatever the text: a repaint, never a layout
 
     def render(self) -> Text:
         width = self.size.width
@@ -113,13 +113,17 @@ class StatusBar(Horizontal):
         width: 14;
     }
     StatusBar #timing {
-        width: auto;
+        width: 24;
         margin-left: 1;
+        content-align-horizontal: right;
     }
     StatusBar #memory {
-        width: auto;
+        width: 36;
         margin-left: 1;
         color: $text-muted;
+    }
+    StatusBar.-narrow #memory {
+        width: 20;
     }
     StatusBar.-narrow #model-status {
         max-width: 22;
@@ -165,7 +169,8 @@ class StatusBar(Horizontal):
     def compose(self) -> ComposeResult:
         yield Label(self._plain(self._model_text), id="model-status")
         yield _StageLabel(id="stage")
-        yield ProgressBar(total=1, id="progress", show_eta=False, show_percentage=True)
+        # No percentage: the stage label has done/total, and its label would lay the screen out on every tick.
+        yield ProgressBar(total=1, id="progress", show_eta=False, show_percentage=False)
         yield Label("", id="timing")
         memory = Label("", id="memory")
         memory.display = False
@@ -275,7 +280,8 @@ class StatusBar(Horizontal):
 
     def update_timing(self) -> None:
         """Refresh the timing label (the once-a-second timer calls this; it touches nothing else)."""
-        self.query_one("#timing", Label).update(self.timing_text())
+        # Fixed widths (see DEFAULT_CSS): a tick repaints these labels without laying the screen out again.
+        self.query_one("#timing", Label).update(self.timing_text(), layout=False)
 
     # ---------------------------------------------------------------------------------------- memory
 
@@ -289,5 +295,5 @@ class StatusBar(Horizontal):
         if self._memory is None:
             label.display = False
             return
-        label.update(Text(memory_text(self._memory, short=self.has_class("-narrow"))))
+        label.update(Text(memory_text(self._memory, short=self.has_class("-narrow"))), layout=False)
         label.display = True

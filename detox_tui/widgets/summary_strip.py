@@ -78,13 +78,13 @@ class SummaryStrip(Static):
         text = summary_text(kind, summary)
         if state != "finished":
             text = Text.assemble((f"{state}  ", "bold yellow"), text)
-        self.update(text)
+        self.update(text, layout=False)
 
     def running(self, kind: str, n_prompts: int, label: str | None = None) -> None:
         """A run just started: nothing of the previous run stays on screen."""
         self.kind, self.state, self.summary = kind, "running", {}
         what = label or f"{kind} running on {n_prompts} prompt{'s' if n_prompts != 1 else ''}"
-        self.update(Text(f"{what}…", style="bold"))
+        self.update(Text(f"{what}…", style="bold"), layout=False)
 
     def live(self, kind: str, rows: list[dict[str, Any]], n_prompts: int) -> None:
         """The running run's rows so far: counts only, never a verdict on prompts not yet measured."""
@@ -105,7 +105,7 @@ class SummaryStrip(Static):
                 text.append(f"  {nc} NOT CONVERGED", style="bold yellow")
         if any(r.get("collapsed") for r in done) or self.summary.get("collapsed"):
             text.append("  COLLAPSED", style="bold white on red")
-        self.update(text)
+        self.update(text, layout=False)
 
     def ended(self, kind: str, state: str, detail: str = "") -> None:
         """A run that did not finish: say so in place of numbers (``detail`` is plain text)."""
@@ -114,7 +114,7 @@ class SummaryStrip(Static):
         text = Text(f"{kind} {state}", style=style)
         if detail:
             text.append(f"  {detail}")
-        self.update(text)
+        self.update(text, layout=False)
 
     def show_side_effects(self, row: dict[str, Any]) -> None:
         """Live update while an edit runs: a collapsed edit is flagged at once."""
