@@ -109,7 +109,10 @@ class DetoxApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "detox-tui"
     BINDINGS = _bindings()
-    REPAINT_INTERVAL = 0.1  # seconds between repaints of a job's rows and progress
+    REPAINT_INTERVAL = 0.1  # seconds between repaints of a job's rows
+    PROGRESS_INTERVAL = (
+        0.25  # seconds between repaints of the status bar's progress (a new stage shows at once)
+    )
     STORE_POLL = 1.0  # seconds between reads of the run store (runs list, followed run, device memory)
 
     def __init__(
@@ -160,6 +163,7 @@ class DetoxApp(App[None]):
         self.job_prompts = 0
         self._last_flush = 0.0
         self._flush_pending = False
+        self._last_progress: tuple[str, float] = ("", 0.0)  # stage shown last and when
         # What each view shows: {"run_id", "kind", "summary", "threshold", "status"} for results/ablation/trace.
         self.views: dict[str, dict[str, Any]] = {}
         self.baseline_rows: dict[str, dict[str, Any]] = {}
@@ -400,7 +404,7 @@ class DetoxApp(App[None]):
         """Apply every event the current job emitted since the last repaint (UI thread)."""
         self._flush_pending = False
         self._last_flush = time.monotonic()
-        if self.feed is not None:
+        if self.feed is not None and self.screen_stack:  # (a timer can fire while the app closes)
             self._apply(self.feed.drain())
 
     def _apply(self, events: list[Event]) -> None:
@@ -422,8 +426,12 @@ class DetoxApp(App[None]):
             elif isinstance(event, Failed):
                 self._runlog(event.error, "error")
         if last_progress is not None:
-            p = last_progress
-            self._status().stage(f"{p.stage} {p.message}".strip(), p.done, p.total, stage_key=p.stage)
+            p, now = last_progress, time.monotonic()
+            shown_stage, shown_at = self._last_progress
+            # The bar and its labels cost a repaint each: a few a second is plenty for a human to read.
+            if p.stage != shown_stage or p.done >= p.total or now - shown_at >= self.PROGRESS_INTERVAL:
+                self._status().stage(f"{p.stage} {p.message}".strip(), p.done, p.total, stage_key=p.stage)
+                self._last_progress = (p.stage, now)
         if rows_changed and self.running in SCORED_JOBS:
             self._q(SummaryStrip).live(self.running, self._q(ResultsTable).rows_data, self.job_prompts)
 

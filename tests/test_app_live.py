@@ -91,7 +91,9 @@ async def test_cancel_asks_first_and_the_strip_says_cancelled_not_the_last_runs_
         assert isinstance(app.screen, ConfirmDialog)
         # The job's progress keeps arriving under the dialog (the widgets are on the screen below it).
         stage = str(app._q("#stage").render())
-        await wait_for(pilot, lambda: str(app._q("#stage").render()) != stage, 30, "progress under the dialog")
+        await wait_for(
+            pilot, lambda: str(app._q("#stage").render()) != stage, 30, "progress under the dialog"
+        )
         assert isinstance(app.screen, ConfirmDialog)
         await pilot.press("n")
         await pilot.pause(0.3)
@@ -270,3 +272,26 @@ async def test_the_status_bar_times_a_job_and_rings_when_it_ends(insult_model_di
         assert rings == [1]
         timing = str(app.query_one("#timing").render())
         assert "finished" in timing or "s" in timing
+
+
+async def test_quitting_while_an_edit_runs_asks_then_cancels_it_cleanly(insult_model_dir, tmp_path):
+    import time
+
+    app = make_app(insult_model_dir, tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_loaded(pilot)
+        await _slow_memit(pilot)
+        await pilot.press("e")
+        table = app.query_one(ResultsTable)
+        await wait_for(pilot, lambda: table.row_count > 0, 60, "the first before row")
+        store = app.workbench.store
+        await pilot.press("q")
+        assert isinstance(app.screen, ConfirmDialog)  # quitting would cancel the edit: it asks
+        await pilot.press("y")
+        await pilot.pause(0.5)  # engine events and timers keep arriving while the app closes
+    # The app closed without an error (run_test re-raises one); the worker stops at its next step and the
+    # run is stored as cancelled.
+    deadline = time.monotonic() + 60
+    while store.list_runs()[0]["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.list_runs()[0]["status"] == "cancelled"
