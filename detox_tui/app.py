@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,11 @@ SCORER_SUGGESTIONS = (
     "detoxify:multilingual",
     "profanity",
 )
+
+
+def view_of(kind: str) -> str:
+    """The view a run of ``kind`` fills: "ablation" and "trace" have their own tabs, the rest the Results tab."""
+    return kind if kind in ("ablation", "trace") else "results"
 
 
 def _bindings() -> list[Binding]:
@@ -171,6 +177,7 @@ class DetoxApp(App[None]):
         self.followed: dict[str, Any] | None = None  # a stored run being followed: {"id", "n_rows", "status"}
         self._runs_signature: Any = None
         self._polling = False
+        self._form_ready = False  # the method form and layer picker were set up for the loaded model
 
     @property
     def scorer_name(self) -> str:
@@ -248,14 +255,8 @@ class DetoxApp(App[None]):
     def _log_line(self, message: LogLine) -> None:
         self._runlog(message.message, message.level)
 
-    def check_message_enabled(self, message: Message) -> bool:
-        """Our messages (from workers and widgets) arriving after the screens are gone (the app is closing) are dropped."""
-        if not self.screen_stack and type(message).__module__.startswith("detox_tui."):
-            return False
-        return super().check_message_enabled(message)
-
     async def _on_message(self, message: Message) -> None:
-        # Posted before the screens went away but handled after: nothing is left to show it on.
+        # Our messages (from workers and widgets) handled after the screens went away: nothing is left to show them on.
         if not self.screen_stack and type(message).__module__.startswith("detox_tui."):
             return
         await super()._on_message(message)
@@ -326,11 +327,11 @@ class DetoxApp(App[None]):
     @on(WorkbenchLoaded)
     def _workbench_loaded(self, message: WorkbenchLoaded) -> None:
         wb = message.workbench
-        first = self.workbench is None
         self.workbench, self.load_error = wb, None
         lm = wb.lm
         self._show_model_status()
-        if first:
+        if not self._form_ready:  # once: a reload (Settings) keeps what the user chose
+            self._form_ready = True
             form = self._q(MethodForm)
             if self.initial_method:
                 form.set_method(self.initial_method)
@@ -436,12 +437,10 @@ class DetoxApp(App[None]):
             self._q(SummaryStrip).live(self.running, self._q(ResultsTable).rows_data, self.job_prompts)
 
     def _view_for_job(self) -> dict[str, Any]:
-        view = {"ablation": "ablation", "trace": "trace"}.get(self.running or "", "results")
-        return self.views.setdefault(view, {})
+        return self._view_for_kind(self.running or "")
 
     def _view_of_tab(self) -> str:
-        tab = str(self._q(TabbedContent).active)
-        return tab if tab in ("ablation", "trace") else "results"
+        return view_of(str(self._q(TabbedContent).active))
 
     def _row_ready(self, table: str, row: dict[str, Any]) -> None:
         if table in ("baseline", "before", "edit"):
@@ -544,10 +543,11 @@ class DetoxApp(App[None]):
         self.cancel_event = threading.Event()
         self.feed = EngineFeed(self, self.job)
         self.job_prompts = len(items)
-        view = {"ablation": "ablation", "trace": "trace"}.get(kind, "results")
-        self.views[view] = {"kind": kind, "run_id": None, "summary": {}, "threshold": cfg.scoring.threshold}
+        view = {"kind": kind, "run_id": None, "summary": {}, "threshold": cfg.scoring.threshold}
+        self.views[view_of(kind)] = view
         if kind in SCORED_JOBS:
-            self.views["results"] = {**self.views[view], "kind": "edit" if kind == "ablation" else kind}
+            # An ablation's per-prompt rows are in the Results tab: one view object, so both get its run id.
+            self.views["results"] = view
             self._q(ResultsTable).start(kind, cfg.scoring.threshold)
             self._q(SummaryStrip).running(kind, len(items))
             self._q(ScoreBars).clear()
@@ -758,7 +758,7 @@ class DetoxApp(App[None]):
             gc.collect()
 
     def _view_for_kind(self, kind: str) -> dict[str, Any]:
-        return self.views.setdefault({"ablation": "ablation", "trace": "trace"}.get(kind, "results"), {})
+        return self.views.setdefault(view_of(kind), {})
 
     def _update_flags(self, rows: list[dict[str, Any]], kind: str) -> None:
         threshold = self.views.get("results", {}).get("threshold", 0.1)
@@ -885,6 +885,7 @@ class DetoxApp(App[None]):
             if "model" in changes or (self.workbench is None and "scorer" in changes):
                 self._runlog(f"reloading {self.model_name} on {new.device} ({new.dtype}) with {new.scorer}")
                 self.workbench = None
+                gc.unfreeze()  # the model being replaced was frozen when it loaded: let it be collected
                 self._status().set_model(self._model_status("loading"))
                 self.load_workbench_worker(self._base_config())
             elif "scorer" in changes:
@@ -909,7 +910,7 @@ class DetoxApp(App[None]):
     @on(ScorerChanged)
     def _scorer_changed(self, message: ScorerChanged) -> None:
         if message.error:
-            self.settings = Settings(**{**self.settings.__dict__, "scorer": message.name})
+            self.settings = replace(self.settings, scorer=message.name)
             self._error(message.error)
         else:
             self._runlog(f"scorer: {message.name}")
@@ -1023,7 +1024,7 @@ class DetoxApp(App[None]):
             table.load_rows("baseline", rows.get("baseline", []), threshold)
         else:
             table.load_rows("edit", rows.get("edit", []), threshold)
-        self.views["results"] = {**meta, "kind": "edit" if kind == "ablation" else kind}
+        self.views["results"] = meta  # an ablation's per-prompt rows: the same run as its chart
         if kind == "ablation":
             self.views["ablation"] = meta
             chart = self._q(AblationChart)

@@ -295,3 +295,50 @@ async def test_quitting_while_an_edit_runs_asks_then_cancels_it_cleanly(insult_m
     while store.list_runs()[0]["status"] == "running" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert store.list_runs()[0]["status"] == "cancelled"
+
+
+async def test_after_an_ablation_its_rows_export_under_its_run_id(insult_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = make_app(insult_model_dir, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_loaded(pilot)
+        await set_input(pilot, app.query_one("#run-samples"), "2")
+        await set_input(pilot, app.query_one("#run-max_new_tokens"), "4")
+        picker = app.query_one("PromptPicker")
+        picker.selected = {0}
+        picker.refresh_list()
+        form = app.query_one(MethodForm)
+        for key, value in TINY_MEMIT.items():
+            await set_input(pilot, form.hparam_inputs()[key], value)
+        app.query_one("LayerPicker").set_configs([[1, 2]])
+        app.set_focus(None)
+        await pilot.press("a")
+        await wait_idle(pilot, 120)
+        run = app.workbench.store.list_runs()[0]
+        assert run["kind"] == "ablation" and run["status"] == "finished"
+        # Both views of the ablation, the per-prompt table and the per-configuration chart, are that run.
+        for tab in ("3", "4"):
+            await pilot.press(tab, "x")
+            assert isinstance(app.screen, ExportDialog), _notes(app)
+            assert run["id"] in app.screen.query_one("#export-path").value
+            await pilot.press("escape")
+
+
+async def test_a_model_reload_from_settings_keeps_the_users_layers(insult_model_dir, tmp_path):
+    app = make_app(insult_model_dir, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_loaded(pilot)
+        picker = app.query_one("LayerPicker")
+        picker.set_layers([0, 3])
+        old = app.workbench
+        app.set_focus(None)
+        await pilot.press("comma")
+        assert isinstance(app.screen, SettingsDialog)
+        app.screen.query_one("#settings-dtype").value = "auto"  # float32 -> auto: the model reloads
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await wait_for(
+            pilot, lambda: app.workbench is not None and app.workbench is not old, 90, "the reload"
+        )
+        assert app.settings.dtype == "auto"
+        assert picker.selected_layers == [0, 3]
