@@ -68,6 +68,7 @@ def null_callback(event: Event) -> None:
 
 
 def check_cancel(cancel: threading.Event | None) -> None:
-    """Raise Cancelled if the cancel flag is set; call between steps of long loops."""
+    """Raise Cancelled if the cancel flag is set; call between steps of long loops (every generated token,
+    optimisation step and statistics batch)."""
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled")

@@ -107,6 +107,34 @@ def test_progress_per_batch_and_cancel(tiny_lm):
         generate_continuations(tiny_lm, PROMPTS, _cfg(), cancel=cancel)
 
 
+def test_a_cancel_stops_generation_within_a_token_and_checking_changes_no_sample(tiny_lm):
+    class CancelAfter(threading.Event):
+        """Sets itself at its n-th check."""
+
+        def __init__(self, n: int):
+            super().__init__()
+            self.n, self.checks = n, 0
+
+        def is_set(self) -> bool:
+            self.checks += 1
+            if self.checks == self.n:
+                self.set()
+            return super().is_set()
+
+    cfg = _cfg(max_new_tokens=40, batch_size=4, greedy=True)
+    cancel = CancelAfter(
+        3
+    )  # the batch's check, then two generated tokens: one batch of 40 tokens never finishes
+    with pytest.raises(Cancelled):
+        generate_continuations(tiny_lm, PROMPTS, cfg, cancel=cancel)
+    assert cancel.checks == 3
+    never = CancelAfter(10**9)
+    assert _table(generate_continuations(tiny_lm, PROMPTS, cfg, cancel=never)) == _table(
+        generate_continuations(tiny_lm, PROMPTS, cfg)
+    )
+    assert never.checks > 40  # checked at every token of the sampled and the greedy pass
+
+
 def test_bad_generation_settings_are_user_errors(tiny_lm):
     with pytest.raises(UserError, match="context length"):
         generate_continuations(tiny_lm, PROMPTS, _cfg(max_new_tokens=10_000))

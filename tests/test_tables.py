@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 from textual.app import App, ComposeResult
+from textual.geometry import Region
+from textual.widgets import Input
 
 from detox_tui.pipeline.metrics import summarize
 from detox_tui.pipeline.records import BaselineRow, EditRow, ScoreSummary
@@ -309,6 +311,54 @@ async def test_columns_refit_when_the_terminal_is_resized():
         await pilot.resize_terminal(120, 40)
         await pilot.pause()
         assert [str(k.value) for k in table.columns] == [key for key, _ in table.all_columns]
+
+
+class FocusApp(App):
+    CSS = PAD
+
+    def compose(self) -> ComposeResult:
+        yield Input(id="elsewhere")
+        yield ResultsTable()
+
+
+def rendered(table) -> list[list]:
+    """The table's lines with their styles, as the compositor gets them."""
+    return [list(strip) for strip in table.render_lines(Region(0, 0, table.size.width, table.size.height))]
+
+
+async def _fresh_render(rows: list[dict], theme: str, size: tuple[int, int]) -> list[list]:
+    app = FocusApp()
+    async with app.run_test(size=size) as pilot:
+        app.theme = theme
+        await pilot.pause()
+        return rendered(await _edit_table(pilot, rows))
+
+
+async def test_a_table_shown_and_focused_again_renders_as_a_fresh_one_after_theme_and_size_changes():
+    # The tables keep their rendered rows across focus changes and hide/show (a tab switch); this checks that no
+    # stale row survives a change that matters: the theme, the width.
+    rows = [edit_row(i, m) for i, m in enumerate(AFTER)]
+    app = FocusApp()
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = await _edit_table(pilot, rows)
+        first = rendered(table)
+        for _ in range(2):
+            app.query_one("#elsewhere", Input).focus()
+            table.display = False
+            await pilot.pause()
+            table.display = True
+            table.focus()
+            await pilot.pause()
+        assert rendered(table) == first
+        app.theme = "textual-light"
+        await pilot.pause()
+        light = rendered(table)
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause()
+        narrow = rendered(table)
+    assert light != first
+    assert light == await _fresh_render(rows, "textual-light", (120, 40))
+    assert narrow == await _fresh_render(rows, "textual-light", (100, 30))
 
 
 async def test_a_pending_row_filled_at_80_columns_shows_its_after_in_full():

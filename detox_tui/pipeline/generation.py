@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from detox_tui.backends.models import LoadedModel, pad_batch
 from detox_tui.config import GenerationConfig
@@ -103,6 +104,18 @@ def _generation_config(lm: LoadedModel, cfg: GenerationConfig, *, sample: bool, 
     return gc
 
 
+class _CancelEachToken(StoppingCriteria):
+    """Never stops a sequence; checks the cancel flag at every generated token, so a cancel (or the front end's
+    checkpoint) does not wait for a whole batch of long generations."""
+
+    def __init__(self, cancel: threading.Event | None):
+        self.cancel = cancel
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        check_cancel(self.cancel)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def _decode_new(lm: LoadedModel, out: torch.Tensor, prompt_width: int) -> list[str]:
     new = out[:, prompt_width:].cpu()
     return lm.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -134,6 +147,7 @@ def generate_continuations(
     sample_cfg = _generation_config(lm, cfg, sample=True, n_return=cfg.samples) if cfg.samples > 0 else None
     greedy_cfg = _generation_config(lm, cfg, sample=False, n_return=1) if want_greedy else None
     rng_devices = [lm.device] if lm.device.type == "cuda" else []
+    stop = StoppingCriteriaList([_CancelEachToken(cancel)]) if cancel is not None else None
     results: list[PromptGenerations] = []
     total = len(prompts)
     emit(Progress(stage, 0, total))
@@ -145,13 +159,17 @@ def generate_continuations(
         if sample_cfg is not None:
             with torch.random.fork_rng(devices=rng_devices, device_type=lm.device.type):
                 torch.manual_seed(batch_seed(cfg.seed, b))
-                out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=sample_cfg)
+                out = lm.model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=sample_cfg, stopping_criteria=stop
+                )
             texts = _decode_new(lm, out, ids.shape[1])
             k = cfg.samples
             samples = [texts[i * k : (i + 1) * k] for i in range(len(part))]
         greedy: list[str | None] = [None] * len(part)
         if greedy_cfg is not None:
-            out = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy_cfg)
+            out = lm.model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=greedy_cfg, stopping_criteria=stop
+            )
             greedy = list(_decode_new(lm, out, ids.shape[1]))
         for p, s, g in zip(part, samples, greedy):
             results.append(PromptGenerations(prompt=p, samples=list(s), greedy=g))
