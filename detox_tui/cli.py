@@ -103,6 +103,13 @@ HoldoutOpt = Annotated[
 ]
 StatsCorpusOpt = Annotated[str, typer.Option("--stats-corpus", help="builtin, a text file, or hf:<dataset>.")]
 StatsTokensOpt = Annotated[int | None, typer.Option("--stats-tokens", min=1, help="Covariance token budget.")]
+StatsDeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--stats-device",
+        help="Where covariance statistics accumulate: auto (the model's device) or cpu (keeps them off the GPU).",
+    ),
+]
 NeutralOpt = Annotated[str, typer.Option("--neutral-corpus", help="Text for side-effect perplexity.")]
 NeutralPromptsOpt = Annotated[
     str, typer.Option("--neutral-prompts", help="Prompts for side-effect KL/toxicity.")
@@ -224,6 +231,7 @@ class EditOptions:
     hparam: HparamOpt = None
     stats_corpus: StatsCorpusOpt = "builtin"
     stats_tokens: StatsTokensOpt = None
+    stats_device: StatsDeviceOpt = "auto"
     neutral_corpus: NeutralOpt = "builtin"
     neutral_prompts: NeutralPromptsOpt = "builtin"
     collapse_factor: CollapseOpt = 2.0
@@ -246,12 +254,22 @@ class EditOptions:
             "holdout": holdout,
             "stats_corpus": self.stats_corpus,
             "stats_tokens": self.stats_tokens,
+            "stats_device": _stats_device(self.stats_device),
             "side_effects": SideEffectConfig(
                 neutral_corpus=self.neutral_corpus,
                 neutral_prompts=self.neutral_prompts,
                 collapse_factor=self.collapse_factor,
             ),
         }
+
+
+def _stats_device(value: str) -> str:
+    """--stats-device, checked before any work: auto or cpu."""
+    from detox_tui.backends.stats import STATS_DEVICES
+
+    if value.lower() not in STATS_DEVICES:
+        raise UserError(f"Unknown --stats-device '{value}'; use {' or '.join(STATS_DEVICES)}.")
+    return value.lower()
 
 
 def with_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -833,6 +851,7 @@ def stats(
     model: ModelOpt = DEFAULT_MODEL,
     corpus: StatsCorpusOpt = "builtin",
     tokens: StatsTokensOpt = None,
+    stats_device: StatsDeviceOpt = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     data_dir: DataDirOpt = None,
@@ -846,12 +865,13 @@ def stats(
     layer_list = _parse_layers(layers) or []
     if not layer_list:
         raise UserError("No layers given; e.g. --layers 4,5,6,7,8.")
+    stats_device = _stats_device(stats_device)
     cfg = ExperimentConfig(model=ModelConfig(name=model, device=device, dtype=dtype))
     wb = _workbench(cfg, data_dir, as_json, scorer="none")
     wb.lm.check_layers(layer_list)
     result = _run_engine(
         lambda emit, cancel: run_stats(
-            wb, layer_list, corpus=corpus, tokens=tokens, emit=emit, cancel=cancel
+            wb, layer_list, corpus=corpus, tokens=tokens, emit=emit, cancel=cancel, stats_device=stats_device
         ),
         as_json,
     )
@@ -865,6 +885,8 @@ def stats(
         "cache_dir": s["cache_dir"],
         "shapes": s["shapes"],
         "seconds": s["seconds"],
+        "stats_device": stats_device,
+        "memory": s["memory"],
     }
     if as_json:
         _print_json(info)

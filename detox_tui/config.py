@@ -141,6 +141,7 @@ class ExperimentConfig:
     holdout: str | None = None
     stats_corpus: str = "builtin"
     stats_tokens: int | None = None
+    stats_device: str = "auto"  # where covariance statistics accumulate: auto (the model's device) | cpu
     verdict: VerdictConfig = field(default_factory=VerdictConfig)
     eval_protocol: str | None = None  # a key of EVAL_PROTOCOLS, applied with apply_eval_protocol
 

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,18 @@ def _batches(
         yield ids.to(device), mask.to(device)
 
 
-def _acc_device(lm: Any) -> torch.device:
+STATS_DEVICES = ("auto", "cpu")
+
+
+def _acc_device(lm: Any, stats_device: str = "auto") -> torch.device:
+    """Where the statistics are accumulated: the model's device ("auto"; the CPU for MPS) or the CPU."""
+    choice = str(stats_device or "auto").lower()
+    if choice not in STATS_DEVICES:
+        raise UserError(f"Unknown statistics device '{stats_device}'; use {' or '.join(STATS_DEVICES)}.")
     # float64 is not supported on MPS: accumulate on the CPU there.
-    return torch.device("cpu") if lm.device.type == "mps" else lm.device
+    if choice == "cpu" or lm.device.type == "mps":
+        return torch.device("cpu")
+    return lm.device
 
 
 def _cache_key(lm: Any, module_path: str, corpus_label: str, tokens: int) -> str:
@@ -165,6 +175,266 @@ def _save_cached(path: Path, cov: torch.Tensor, meta: dict[str, str]) -> None:
 # float64 add. Per batch (a few hundred tokens) the d_mlp x d_mlp add would cost more than the GEMM.
 _CHUNK_TOKENS = 2048
 
+# ------------------------------------------------------------------------------------------ memory plan
+
+# An artificial cap on the accumulation memory (bytes, or with a K/M/G suffix: "512M", "1.5G").
+STATS_MEMORY_ENV = "DETOX_TUI_STATS_MEMORY"
+# Share of the free CUDA memory the accumulation may take; the rest is left to the forward passes.
+_CUDA_FREE_SHARE = 0.9
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, one decimal: 822083584 -> '0.8 GB'."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size / 10:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_bytes(text: str) -> int:
+    """'2G', '512MB', '1.5GiB' or a plain number of bytes; one clear sentence when it is none of these."""
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("BKMGTI")
+    unit = raw[len(number) :]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        value = -1.0
+    if not value > 0:
+        raise UserError(
+            f"The statistics memory budget '{text}' is not a positive size; write e.g. 2G, 512M or 1000000."
+        )
+    return int(value)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """The model's own memory: parameters and buffers, each numel x element size."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class StatsMemoryPlan:
+    """What the accumulation holds on its device, and how the layers are grouped into passes that fit.
+
+    Per layer in a pass: the float64 running sum (8 d_mlp^2 bytes) and the float32 keys waiting for the
+    next chunk product (fewer than ``_CHUNK_TOKENS`` + one batch of tokens, x d_mlp x 4 bytes). Shared by
+    a pass: one float32 d_mlp x d_mlp product buffer (4 d_mlp^2) and one concatenated chunk of keys. On
+    the CPU the finished passes' float64 results stay in the same memory, so they count for later passes;
+    from a GPU they move to the CPU after each pass. The model itself (``model_bytes``) is already loaded:
+    it is reported, not counted against ``budget_bytes`` (what is free besides it).
+    """
+
+    device: str
+    d_mlp: int
+    layers: tuple[int, ...]
+    chunk_rows: int
+    model_bytes: int
+    budget_bytes: int | None
+    budget_source: str
+    results_in_budget: bool
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def float32_bytes(self) -> int:
+        """One d_mlp x d_mlp float32 matrix (the chunk product)."""
+        return self.d_mlp * self.d_mlp * 4
+
+    @property
+    def float64_bytes(self) -> int:
+        """One d_mlp x d_mlp float64 matrix (a layer's running sum, and its result)."""
+        return self.d_mlp * self.d_mlp * 8
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The float32 keys one layer holds before its next chunk product."""
+        return self.chunk_rows * self.d_mlp * 4
+
+    @property
+    def per_layer_bytes(self) -> int:
+        return self.float64_bytes + self.chunk_bytes
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.float32_bytes + self.chunk_bytes
+
+    def pass_bytes(self, n_layers: int, held_layers: int = 0) -> int:
+        """Peak accumulation memory of a pass over ``n_layers`` after ``held_layers`` finished (CPU only)."""
+        held = held_layers * self.float64_bytes if self.results_in_budget else 0
+        return self.shared_bytes + n_layers * self.per_layer_bytes + held
+
+    @property
+    def one_pass_bytes(self) -> int:
+        """Accumulation memory with every layer in one pass."""
+        return self.pass_bytes(len(self.layers))
+
+    @property
+    def total_bytes(self) -> int:
+        """One pass for all layers plus the model's own memory."""
+        return self.one_pass_bytes + self.model_bytes
+
+    @property
+    def passes(self) -> int:
+        return len(self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "d_mlp": self.d_mlp,
+            "layers": list(self.layers),
+            "float32_matrix_bytes": self.float32_bytes,
+            "float64_matrix_bytes": self.float64_bytes,
+            "chunk_bytes_per_layer": self.chunk_bytes,
+            "per_layer_bytes": self.per_layer_bytes,
+            "shared_bytes": self.shared_bytes,
+            "one_pass_bytes": self.one_pass_bytes,
+            "model_bytes": self.model_bytes,
+            "total_bytes": self.total_bytes,
+            "budget_bytes": self.budget_bytes,
+            "budget_source": self.budget_source,
+            "groups": [list(g) for g in self.groups],
+        }
+
+
+def plan_stats_memory(
+    d_mlp: int,
+    layers: Sequence[int],
+    *,
+    batch_tokens: int,
+    budget_tokens: int | None = None,
+    model_bytes: int = 0,
+    budget_bytes: int | None = None,
+    budget_source: str = "no limit",
+    device: str = "cpu",
+    results_in_budget: bool | None = None,
+    refuse: bool = True,
+) -> StatsMemoryPlan:
+    """Estimate the accumulation's memory and group ``layers`` into passes that fit ``budget_bytes``.
+
+    ``batch_tokens``: the most tokens one forward batch gives (batch size x max length). Greedy: each pass
+    takes as many of the remaining layers (in order) as fit. Nothing fitting, not even one layer, is a
+    UserError that gives the numbers, raised before any forward pass (with ``refuse=False``: no groups).
+    """
+    layers = tuple(layers)
+    rows = _CHUNK_TOKENS - 1 + max(1, int(batch_tokens))
+    if budget_tokens:
+        rows = min(rows, int(budget_tokens))
+    if results_in_budget is None:
+        results_in_budget = device == "cpu"
+    plan = StatsMemoryPlan(
+        device=device,
+        d_mlp=int(d_mlp),
+        layers=layers,
+        chunk_rows=rows,
+        model_bytes=int(model_bytes),
+        budget_bytes=None if budget_bytes is None else int(budget_bytes),
+        budget_source=budget_source,
+        results_in_budget=bool(results_in_budget),
+        groups=(),
+    )
+    if budget_bytes is None:
+        return _with_groups(plan, (layers,) if layers else ())
+    groups: list[tuple[int, ...]] = []
+    current: list[int] = []
+    held = 0
+    for layer in layers:
+        if plan.pass_bytes(len(current) + 1, held) <= budget_bytes:
+            current.append(layer)
+            continue
+        if current:
+            groups.append(tuple(current))
+            held += len(current)
+            current = []
+        if plan.pass_bytes(1, held) > budget_bytes:
+            if not refuse:
+                return _with_groups(plan, ())
+            raise UserError(_refusal(plan, held))
+        current.append(layer)
+    if current:
+        groups.append(tuple(current))
+    return _with_groups(plan, tuple(groups))
+
+
+def _with_groups(plan: StatsMemoryPlan, groups: tuple[tuple[int, ...], ...]) -> StatsMemoryPlan:
+    from dataclasses import replace
+
+    return replace(plan, groups=groups)
+
+
+def _refusal(plan: StatsMemoryPlan, held: int) -> str:
+    need = plan.pass_bytes(1, held)
+    kept = f", with {held} finished layers' results kept there," if held and plan.results_in_budget else ""
+    advice = "free some memory or use fewer layers" if plan.device == "cpu" else "use --stats-device cpu"
+    return (
+        f"The covariance statistics need {format_bytes(need)} on {plan.device} for one layer{kept} "
+        f"(d_mlp {plan.d_mlp}: a {format_bytes(plan.float64_bytes)} float64 sum, a "
+        f"{format_bytes(plan.float32_bytes)} float32 product and {format_bytes(2 * plan.chunk_bytes)} of key "
+        f"chunks) but only {format_bytes(plan.budget_bytes or 0)} is available ({plan.budget_source}); "
+        f"{advice}."
+    )
+
+
+def _available_cpu_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no limit is imposed)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _memory_budget(acc_dev: torch.device, memory_budget: int | str | None) -> tuple[int | None, str]:
+    """The bytes the accumulation may use, and where that number comes from."""
+    if memory_budget is not None:
+        return parse_bytes(str(memory_budget)), "memory_budget"
+    env = os.environ.get(STATS_MEMORY_ENV, "").strip()
+    if env:
+        return parse_bytes(env), STATS_MEMORY_ENV
+    if acc_dev.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(acc_dev)
+        return int(free * _CUDA_FREE_SHARE), f"{int(_CUDA_FREE_SHARE * 100)}% of the free memory on {acc_dev}"
+    if acc_dev.type == "cpu":
+        available = _available_cpu_bytes()
+        if available is not None:
+            return available, "available system memory"
+    return None, "no limit"
+
+
+def stats_memory_plan(
+    lm: Any,
+    layers: Sequence[int],
+    *,
+    stats_device: str = "auto",
+    batch_size: int = 8,
+    max_length: int = 256,
+    tokens: int | None = None,
+    memory_budget: int | str | None = None,
+    refuse: bool = True,
+) -> StatsMemoryPlan:
+    """The memory plan ``covariance`` follows for this model, layers and settings (see StatsMemoryPlan).
+
+    The budget is ``memory_budget`` (bytes or "2G"), else ``$DETOX_TUI_STATS_MEMORY``, else 90% of the
+    free CUDA memory (torch.cuda.mem_get_info) on a GPU, else the available system memory on the CPU.
+    """
+    acc_dev = _acc_device(lm, stats_device)
+    budget, source = _memory_budget(acc_dev, memory_budget)
+    return plan_stats_memory(
+        lm.d_mlp,
+        sorted(set(layers)),
+        batch_tokens=int(batch_size) * int(max_length),
+        budget_tokens=int(tokens) if tokens else default_stats_tokens(lm),
+        model_bytes=model_bytes(lm.model),
+        budget_bytes=budget,
+        budget_source=source,
+        device=str(acc_dev),
+        results_in_budget=acc_dev.type == "cpu",
+        refuse=refuse,
+    )
+
 
 class _GramSum:
     """Streaming sum of k^T k for one layer: float32 products per chunk of keys, float64 running sum."""
@@ -199,6 +469,8 @@ def _collect(
     cancel: threading.Event | None,
     stage: str = "covariance",
     early_stop: bool = True,
+    acc_dev: torch.device | None = None,
+    message: str = "",
 ) -> tuple[dict[int, torch.Tensor], int]:
     """One streaming pass over ``docs``: sum of k k^T for every layer in ``layers``.
 
@@ -207,7 +479,7 @@ def _collect(
     grow with the corpus. With ``early_stop`` the forward stops after the deepest needed layer; without
     it every batch runs the whole model (as the original MEMIT ``layer_stats`` does; for benchmarks).
     """
-    acc_dev = _acc_device(lm)
+    acc_dev = acc_dev if acc_dev is not None else _acc_device(lm)
     d_mlp = lm.d_mlp
     scratch = torch.empty((d_mlp, d_mlp), dtype=torch.float32, device=acc_dev)
     sums = {layer: _GramSum(d_mlp, acc_dev, scratch) for layer in layers}
@@ -229,7 +501,7 @@ def _collect(
     done = 0
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     try:
-        emit(Progress(stage, 0, total))
+        emit(Progress(stage, 0, total, message))
         with torch.no_grad():
             for ids, mask in _batches(docs, batch_size, pad_id, lm.device):
                 check_cancel(cancel)
@@ -239,13 +511,14 @@ def _collect(
                 except _StopForward:
                     pass
                 done += int(mask.sum())
-                emit(Progress(stage, done, total))
+                emit(Progress(stage, done, total, message))
             for acc in sums.values():
                 acc.flush()
     finally:
         for h in handles:
             h.remove()
-    return {layer: acc.total.cpu() for layer, acc in sums.items()}, done
+    del scratch
+    return {layer: sums.pop(layer).total.cpu() for layer in list(sums)}, done
 
 
 def _prepare(
@@ -274,16 +547,18 @@ def _finish(
     computed: dict[int, torch.Tensor],
     count: int,
     emit: EventCallback,
+    warn: bool = True,
 ) -> dict[int, torch.Tensor]:
     if count == 0:
         raise UserError("The statistics corpus gave no tokens; use a corpus with some text.")
-    if count < budget:
+    if count < budget and warn:
         msg = f"the statistics corpus has only {count} tokens (budget {budget}); using what there is"
         log.warning(msg)
         emit(Log(msg, "warning"))
     out = {}
     for layer in layers:
-        cov = computed[layer] / count
+        # In place (bitwise the same as ``/``): the running sum becomes the result, no second d x d copy.
+        cov = computed.pop(layer).div_(count)
         out[layer] = cov
         if cache_dir is not None:
             path = _cache_file(Path(cache_dir), _cache_key(lm, lm.spec.mlp_out_path(layer), label, budget))
@@ -311,6 +586,8 @@ def covariance(
     max_length: int = 256,
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
+    stats_device: str = "auto",
+    memory_budget: int | str | None = None,
 ) -> dict[int, torch.Tensor]:
     """C_l = mean over corpus tokens of k k^T (k = out-projection input, d_mlp), float64 on the CPU.
 
@@ -323,6 +600,12 @@ def covariance(
     ``tokens`` (default ``default_stats_tokens``); a shorter corpus is used whole, with a warning. With
     ``cache_dir`` each layer is cached under ``cache_dir/stats`` (keyed by model identity, module, corpus,
     budget and dtype; checksummed, written atomically); cached layers are not recomputed.
+
+    Memory: before any forward pass the accumulation's memory is planned (``stats_memory_plan``) on
+    ``stats_device`` ("auto": the model's device; "cpu" keeps it off the GPU) against ``memory_budget``
+    (default: ``$DETOX_TUI_STATS_MEMORY``, else 90% of the free CUDA memory, else the available system
+    memory). Layers that do not fit together are streamed: one pass over the corpus per group of layers
+    that fits, giving the same statistics; a UserError with the numbers when not even one layer fits.
     """
     layers, budget, label = _prepare(lm, layers, corpus, texts, tokens, max_length)
     result: dict[int, torch.Tensor] = {}
@@ -334,9 +617,43 @@ def covariance(
                 result[layer] = cached
     missing = [layer for layer in layers if layer not in result]
     if missing:
+        acc_dev = _acc_device(lm, stats_device)
+        plan = stats_memory_plan(
+            lm,
+            missing,
+            stats_device=stats_device,
+            batch_size=batch_size,
+            max_length=max_length,
+            tokens=budget,
+            memory_budget=memory_budget,
+        )
+        log.info(
+            "covariance memory on %s: %s for %d layers in one pass (+ model %s), budget %s (%s): %d pass(es)",
+            plan.device,
+            format_bytes(plan.one_pass_bytes),
+            len(missing),
+            format_bytes(plan.model_bytes),
+            "none" if plan.budget_bytes is None else format_bytes(plan.budget_bytes),
+            plan.budget_source,
+            plan.passes,
+        )
+        if plan.passes > 1:
+            emit(
+                Log(
+                    f"covariance statistics for {len(missing)} layers need {format_bytes(plan.one_pass_bytes)} "
+                    f"on {plan.device} but {format_bytes(plan.budget_bytes or 0)} is available: "
+                    f"{plan.passes} passes over the corpus (layers "
+                    + "; ".join(",".join(map(str, g)) for g in plan.groups)
+                    + ")"
+                )
+            )
         docs = _token_docs(lm, _corpus_texts(corpus, texts), budget, max_length)
-        sums, count = _collect(lm, missing, docs, batch_size, emit, cancel)
-        result.update(_finish(lm, missing, budget, label, cache_dir, sums, count, emit))
+        for n, group in enumerate(plan.groups):
+            message = f"pass {n + 1} of {plan.passes}" if plan.passes > 1 else ""
+            sums, count = _collect(
+                lm, list(group), docs, batch_size, emit, cancel, acc_dev=acc_dev, message=message
+            )
+            result.update(_finish(lm, list(group), budget, label, cache_dir, sums, count, emit, warn=n == 0))
     else:
         emit(Progress("covariance", budget, budget, "cached"))
     return {layer: result[layer] for layer in layers}

@@ -312,6 +312,7 @@ class _UnionCovariance:
                 cache_dir=self.wb.paths.cache_dir,
                 emit=self.emit,
                 cancel=self.cancel,
+                stats_device=self.cfg.stats_device,
             )
         return {layer: self._stats[layer] for layer in layers}
 
@@ -675,7 +676,8 @@ def _edit_context(
         cache_dir=wb.paths.cache_dir,
         stats_corpus=cfg.stats_corpus,
         stats_tokens=cfg.stats_tokens,
-        covariance=covariance,
+        # A provider even for one configuration, so the statistics follow cfg.stats_device.
+        covariance=covariance if covariance is not None else _UnionCovariance(wb, cfg, [], emit, cancel),
         neutral_prompts=neutral,
     )
 
@@ -1096,6 +1098,7 @@ def run_stats(
     tokens: int | None = None,
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
+    stats_device: str = "auto",
 ) -> StatsRunResult:
     """Collect (or read from the cache) the covariance statistics MEMIT/ROME need, as a stored run of kind "stats".
 
@@ -1104,12 +1107,14 @@ def run_stats(
     """
     import time
 
-    from detox_tui.backends.stats import covariance, default_stats_tokens
+    from detox_tui.backends.stats import covariance, default_stats_tokens, stats_memory_plan
 
     checked = wb.lm.check_layers(list(layers))
     if not checked:
         raise UserError("No layers given; e.g. --layers 4,5,6,7,8.")
     budget = int(tokens or default_stats_tokens(wb.lm))
+    # The estimate for the summary; covariance() refuses (before any forward pass) when nothing fits.
+    plan = stats_memory_plan(wb.lm, checked, stats_device=stats_device, tokens=budget, refuse=False)
     box: list[str] = []
 
     def body() -> StatsRunResult:
@@ -1126,6 +1131,7 @@ def run_stats(
             cache_dir=wb.paths.cache_dir,
             emit=emit,
             cancel=cancel,
+            stats_device=stats_device,
         )
         seconds = time.perf_counter() - start
         shapes = {str(layer): list(stats[layer].shape) for layer in checked}
@@ -1140,6 +1146,7 @@ def run_stats(
             "cache_dir": str(wb.paths.stats_dir),
             "shapes": shapes,
             "seconds": round(seconds, 3),
+            "memory": plan.to_dict(),
         }
         _finish(wb, run_id, summary, emit)
         return StatsRunResult(run_id, summary, stats)
