@@ -86,7 +86,7 @@ DataDirOpt = Annotated[
 ResumeOpt = Annotated[
     str | None, typer.Option("--resume", help="Resume a run by id: finished parts are skipped.")
 ]
-MethodOpt = Annotated[str, typer.Option("--method", help="memit, rome, ft, dinm or aura.")]
+MethodOpt = Annotated[str, typer.Option("--method", help="memit, alphaedit, rome, ft, dinm or aura.")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="replace (raise p(target)) or erase (lower p(toxic)).")]
 ProtocolOpt = Annotated[
     bool,

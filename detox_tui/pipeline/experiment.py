@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest, get_editor
+from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest, editor_class, get_editor
 from detox_tui.backends.models import LoadedModel, load_model, weights_fingerprint
 from detox_tui.backends.scorers.base import Scorer
 from detox_tui.config import ExperimentConfig, Paths
@@ -676,8 +676,11 @@ def _edit_context(
         cache_dir=wb.paths.cache_dir,
         stats_corpus=cfg.stats_corpus,
         stats_tokens=cfg.stats_tokens,
-        # A provider even for one configuration, so the statistics follow cfg.stats_device.
-        covariance=covariance if covariance is not None else _UnionCovariance(wb, cfg, [], emit, cancel),
+        # A provider even for one configuration, so the statistics follow cfg.stats_device; only for a method
+        # that uses them.
+        covariance=covariance
+        if covariance is not None or not editor_class(cfg.method or "").needs_covariance
+        else _UnionCovariance(wb, cfg, [], emit, cancel),
         neutral_prompts=neutral,
     )
 

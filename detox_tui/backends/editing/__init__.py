@@ -1,1 +1,1 @@
-"""Editing methods behind one protocol: memit, rome, ft, dinm, aura."""
+"""Editing methods behind one protocol: memit, alphaedit, rome, ft, dinm, aura."""

@@ -246,6 +246,7 @@ class Editor(Protocol):
 
 EDITORS: dict[str, str] = {
     "memit": "detox_tui.backends.editing.memit:MemitEditor",
+    "alphaedit": "detox_tui.backends.editing.alphaedit:AlphaEditEditor",
     "rome": "detox_tui.backends.editing.rome:RomeEditor",
     "ft": "detox_tui.backends.editing.ft:FineTuneEditor",
     "dinm": "detox_tui.backends.editing.dinm:DinmEditor",

@@ -13,7 +13,7 @@ from detox_tui.errors import UserError
 
 # The registered methods (detox_tui.backends.editing.base.EDITORS), listed here for front ends that must not
 # import torch; a test keeps the two equal. What each method needs is its editor's class attributes.
-METHODS: tuple[str, ...] = ("memit", "rome", "ft", "dinm", "aura")
+METHODS: tuple[str, ...] = ("memit", "alphaedit", "rome", "ft", "dinm", "aura")
 LAYER_KEYS = ("layer", "v_loss_layer")
 # String hyperparameters that take one of a fixed set of values. ROME's key_form: "consistent" (r-ROME,
 # Gupta et al. 2024, the default in every preset) or "reference" (exactly kmeng01/rome); see rome.py.

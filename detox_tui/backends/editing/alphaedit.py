@@ -1,0 +1,289 @@
+"""AlphaEdit (Fang et al., ICLR 2025): MEMIT's keys, targets and residual spreading, with the update projected onto
+the null space of the preserved keys so that what the model already does on them is kept.
+
+Per edited layer l, with K1 the edited requests' keys (columns), R the residual of the z targets spread over the
+remaining layers as in MEMIT, K_p the keys of earlier sequential batches and P the projector onto the null space of
+the preserved keys' second moment C_l = E[k k^T] (the eigenvectors whose eigenvalue is below
+``nullspace_threshold``, an absolute threshold as in the authors' code):
+
+    Delta_l = R K1^T P (K_p K_p^T P + K1 K1^T P + l2 I)^-1
+
+which the authors' code (jianghoucheng/AlphaEdit, AlphaEdit_main.py) solves as the transpose of
+solve(P (K1 K1^T + K_p K_p^T) + l2 I, P K1 R^T). Because Delta = Delta P, the outputs on the preserved keys move by
+at most ||Delta||_F^2 x nullspace_threshold in mean square: tr(Delta C Delta^T) = tr(Delta P C P Delta^T).
+
+``sequential_batch`` > 0 edits the requests in batches of that size one after another, each on the weights the
+previous batches left, with the keys of the batches already written (read after their update, as the authors' code
+does) in K_p; 0 edits them all in one batch. Every call starts from the model it is given and an empty K_p, so in
+the per-prompt protocol each prompt starts from the original weights and an empty edit memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.common import (
+    compute_keys,
+    compute_targets,
+    context_templates,
+    module_output_at_key,
+    template_hparams,
+)
+from detox_tui.backends.editing.memit import layer_covariances, linalg_device, weight_name
+from detox_tui.backends.editing.presets import PresetHparams
+from detox_tui.backends.models import to_param_layout
+from detox_tui.errors import UserError
+from detox_tui.events import Progress, check_cancel
+
+log = logging.getLogger(__name__)
+
+PROJECTOR_FORMAT = "detox-tui-nullspace/1"
+
+
+@dataclass(frozen=True)
+class NullSpace:
+    """The projector P onto the null space of one layer's preserved-key second moment, and how it was cut."""
+
+    projector: torch.Tensor  # [d_mlp, d_mlp], float64
+    dim: int  # eigenvalues below the threshold
+    threshold: float
+    smallest: float  # the smallest eigenvalue of C
+    largest_kept: float | None  # the largest eigenvalue below the threshold (None when there is none)
+
+
+def null_space(cov: torch.Tensor, threshold: float) -> NullSpace:
+    """P = U U^T over the eigenvectors of the symmetric PSD ``cov`` whose eigenvalue is below ``threshold``.
+
+    The authors take the left singular vectors of C (float32); for a PSD matrix they are its eigenvectors and the
+    singular values its eigenvalues, so this uses the symmetric eigendecomposition in float64.
+    """
+    cov = cov.to(torch.float64)
+    evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+    keep = evals < threshold
+    basis = evecs[:, keep]
+    dim = int(keep.sum())
+    return NullSpace(
+        projector=basis @ basis.T,
+        dim=dim,
+        threshold=float(threshold),
+        smallest=float(evals[0]),
+        largest_kept=float(evals[keep].max()) if dim else None,
+    )
+
+
+def alphaedit_update(
+    keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, memory: torch.Tensor, l2: float
+) -> torch.Tensor:
+    """One layer's update [d_model, d_mlp] from keys [n, d_mlp], residuals [n, d_model], P, K_p K_p^T and l2."""
+    k1 = keys.T  # [d_mlp, n]
+    eye = torch.eye(k1.shape[0], dtype=k1.dtype, device=k1.device)
+    lhs = projector @ (k1 @ k1.T + memory) + l2 * eye
+    rhs = projector @ k1 @ resid  # P K1 R^T, with R^T = resid
+    return torch.linalg.solve(lhs, rhs).T
+
+
+def _digest(cov: torch.Tensor, threshold: float) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(PROJECTOR_FORMAT.encode())
+    h.update(repr(float(threshold)).encode())
+    h.update(str(tuple(cov.shape)).encode())
+    h.update(cov.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_projector(path: Path, d: int) -> NullSpace | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            p = f.get_tensor("projector")
+        if meta.get("format") != PROJECTOR_FORMAT or tuple(p.shape) != (d, d) or not torch.isfinite(p).all():
+            raise ValueError("not a projector of this shape")
+        largest = meta.get("largest_kept", "")
+        return NullSpace(
+            projector=p.to(torch.float64),
+            dim=int(meta["dim"]),
+            threshold=float(meta["threshold"]),
+            smallest=float(meta["smallest"]),
+            largest_kept=float(largest) if largest else None,
+        )
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a damaged cache file is recomputed, never trusted
+        log.warning("ignoring the damaged null-space cache %s (%s)", path, exc)
+        return None
+
+
+def _save_projector(path: Path, ns: NullSpace) -> None:
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": PROJECTOR_FORMAT,
+        "dim": str(ns.dim),
+        "threshold": repr(ns.threshold),
+        "smallest": repr(ns.smallest),
+        "largest_kept": "" if ns.largest_kept is None else repr(ns.largest_kept),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"projector": ns.projector.contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as exc:  # a cache that cannot be written costs time, not the edit
+        log.warning("could not cache the null-space projector at %s: %s", path, exc)
+
+
+def layer_null_spaces(
+    lm: Any, layers: Sequence[int], threshold: float, ctx: EditContext
+) -> dict[int, NullSpace]:
+    """P per layer from the layers' covariance (ctx's provider or backends.stats), cached beside the statistics.
+
+    The cache key is a digest of C itself and the threshold, so a projector is reused exactly when it would be
+    recomputed from the same statistics (same model, layer, corpus and token budget); within one run the context
+    also keeps the projectors it has computed (``ctx.extra``), so the per-prompt protocol computes each once.
+    """
+    covs = layer_covariances(lm, layers, ctx)
+    memo: dict[str, NullSpace] = ctx.extra.setdefault("alphaedit_null_spaces", {})
+    out: dict[int, NullSpace] = {}
+    for layer in layers:
+        check_cancel(ctx.cancel)
+        cov = covs[layer]
+        key = _digest(cov, threshold)
+        ns = memo.get(key)
+        path = Path(ctx.cache_dir) / "stats" / f"nullspace-{key}.safetensors" if ctx.cache_dir else None
+        if ns is None and path is not None:
+            ns = _load_projector(path, cov.shape[0])
+        if ns is None:
+            ns = null_space(cov, threshold)
+            if path is not None:
+                _save_projector(path, ns)
+        memo[key] = ns
+        if ns.dim == 0:
+            raise UserError(
+                f"AlphaEdit has nothing to write into layer {layer}: no eigenvalue of its key statistics is below "
+                f"the null-space threshold {threshold:g} (the smallest is {ns.smallest:.3g}); raise "
+                "nullspace_threshold."
+            )
+        log.info(
+            "alphaedit layer %d: null space of dimension %d/%d (threshold %g)",
+            layer,
+            ns.dim,
+            cov.shape[0],
+            threshold,
+        )
+        out[layer] = ns
+    return out
+
+
+class AlphaEditEditor(PresetHparams, Capabilities):
+    """MEMIT's edit of layers R, projected onto the null space of the preserved keys; weights restored on return."""
+
+    name = "alphaedit"
+    title = "AlphaEdit"
+    layers_key = "layers"
+    needs_covariance = True
+    request_free = False
+    convergence_advice = (
+        "later or more layers, a larger clamp_norm_factor, more v_num_grad_steps, a larger nullspace_threshold "
+        "or a smaller l2"
+    )
+
+    def compute(
+        self,
+        lm: Any,
+        requests: Sequence[EditRequest],
+        hparams: Mapping[str, Any],
+        ctx: EditContext,
+    ) -> EditDelta:
+        hp = self.resolve_hparams(lm, hparams)
+        if not requests:
+            raise UserError("There are no edit requests.")
+        layers = sorted(hp["layers"])
+        last = layers[-1]
+        threshold = float(hp["nullspace_threshold"])
+        l2 = float(hp["l2"])
+        size = int(hp["sequential_batch"]) or len(requests)
+        batches = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+        n_templates, length = template_hparams(hp)
+        templates = context_templates(lm, n=n_templates, length=length)
+        spaces = layer_null_spaces(lm, layers, threshold, ctx)
+        dev = linalg_device(lm)
+        projectors = {layer: spaces[layer].projector.to(dev) for layer in layers}
+        d_mlp = int(projectors[last].shape[0])
+        memory = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=dev) for layer in layers}
+        totals: dict[str, torch.Tensor] = {}
+        applied: list[EditDelta] = []
+        losses: list[float] = []
+        steps: list[int] = []
+        try:
+            for b, batch in enumerate(batches):
+                stage = "alphaedit z" if len(batches) == 1 else f"alphaedit z (batch {b + 1}/{len(batches)})"
+                z = compute_targets(
+                    lm,
+                    batch,
+                    lm.spec.block_path(last),
+                    templates,
+                    hp,
+                    emit=ctx.emit,
+                    cancel=ctx.cancel,
+                    stage=stage,
+                )
+                losses.extend(z.losses)
+                steps.extend(z.steps)
+                zs = z.target.to("cpu", torch.float64)
+                for j, layer in enumerate(layers):
+                    check_cancel(ctx.cancel)
+                    keys = compute_keys(lm, layer, batch, templates).to(dev, torch.float64)  # [n, d_mlp]
+                    current = module_output_at_key(lm, lm.spec.block_path(last), batch)
+                    resid = ((zs - current) / (len(layers) - j)).to(dev)  # [n, d_model]
+                    update = alphaedit_update(keys, resid, projectors[layer], memory[layer], l2)
+                    delta = to_param_layout(update.to(torch.float32), lm.spec).cpu()
+                    step = EditDelta(
+                        deltas={weight_name(lm, layer): delta}, method=self.name, model_name=lm.name
+                    )
+                    step.apply(lm.model)
+                    applied.append(step)
+                    name = weight_name(lm, layer)
+                    totals[name] = (
+                        totals.get(name, torch.zeros_like(delta, dtype=torch.float64)) + delta.double()
+                    )
+                    log.info("alphaedit layer %d: ||dW|| = %.4g", layer, float(update.norm()))
+                    ctx.emit(Progress("alphaedit layers", j + 1, len(layers), f"layer {layer}"))
+                if b + 1 < len(
+                    batches
+                ):  # the batch's keys, read on the weights it left, join the edit memory
+                    for layer in layers:
+                        keys = compute_keys(lm, layer, batch, templates).to(dev, torch.float64)
+                        memory[layer] += keys.T @ keys
+            check_cancel(ctx.cancel)
+        finally:
+            for step in reversed(applied):
+                step.revert(lm.model)
+        return EditDelta(
+            deltas={name: total.to(torch.float32) for name, total in totals.items()},
+            method=self.name,
+            model_name=lm.name,
+            layers=layers,
+            hparams=dict(hp),
+            requests=[r.to_dict() for r in requests],
+            info={
+                "z_loss": losses,
+                "z_steps": steps,
+                "request_loss": losses,
+                "request_steps": steps,
+                "templates": templates,
+                "null_space_dim": {str(layer): spaces[layer].dim for layer in layers},
+                "d_mlp": d_mlp,
+                "sequential_batches": len(batches),
+            },
+        )
