@@ -145,6 +145,14 @@ PplModelOpt = Annotated[
 ]
 
 
+ChatTemplateOpt = Annotated[
+    str,
+    typer.Option(
+        "--chat-template",
+        help="auto: wrap each prompt in the tokenizer's chat template (a user turn + the assistant's opening) when "
+        "it has one; none: raw prompts.",
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(
@@ -192,10 +200,14 @@ class RunOptions:
     ppl_model: PplModelOpt = None
     min_reduction: MinReductionOpt = 0.1
     alpha: AlphaOpt = 0.05
+    chat_template: ChatTemplateOpt = "auto"
     threads: ThreadsOpt = None
 
     def config(self, **edit: Any) -> ExperimentConfig:
         """The engine's configuration; ``edit`` sets the edit fields (method, layers, ...)."""
+        from detox_tui.backends.chat import check_chat_template_mode
+
+        check_chat_template_mode(self.chat_template, "--chat-template")
         cfg = ExperimentConfig(
             model=ModelConfig(name=self.model, device=self.device, dtype=self.dtype),
             generation=GenerationConfig(
@@ -212,6 +224,7 @@ class RunOptions:
                 scorer=self.scorer, threshold=self.threshold, score_with_prompt=self.score_with_prompt
             ),
             prompts=self.prompts,
+            chat_template=self.chat_template,
             verdict=VerdictConfig(
                 min_reduction=self.min_reduction, alpha=self.alpha, ppl_model=self.ppl_model
             ),

@@ -133,6 +133,9 @@ class ExperimentConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     side_effects: SideEffectConfig = field(default_factory=SideEffectConfig)
     prompts: str = "builtin"
+    # "auto": wrap each prompt in the tokenizer's chat template (one user turn + the generation prompt) when it has
+    # one; "none": raw prompts. See detox_tui.backends.chat.
+    chat_template: str = "auto"
     method: str | None = None  # memit | rome | ft | dinm | aura; None = baseline only
     layers: list[int] | None = None
     mode: str = "replace"  # replace | erase

@@ -150,6 +150,9 @@ class LoadedModel:
     name: str
     device: torch.device
     revision: str | None = None
+    # The Jinja chat template prompts are wrapped in (one user turn + the generation prompt), or None for raw
+    # prompts; set per run by detox_tui.backends.chat.with_chat_template, never by loading.
+    chat_template: str | None = None
 
     @property
     def n_layers(self) -> int:

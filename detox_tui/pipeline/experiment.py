@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from detox_tui.backends.chat import with_chat_template
 from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest, editor_class, get_editor
 from detox_tui.backends.models import LoadedModel, load_model, weights_fingerprint
 from detox_tui.backends.scorers.base import Scorer
@@ -605,6 +606,17 @@ def _guard(wb: Workbench, run_id_box: list[str], body: Callable[[], _T]) -> _T:
         raise
 
 
+def _for_run(wb: Workbench, cfg: ExperimentConfig) -> Workbench:
+    """The workbench as a run of ``cfg`` sees it: its model wraps prompts in the tokenizer's chat template, or not,
+    as ``cfg.chat_template`` says (a view: the same weights, tokenizer, scorer and store)."""
+    lm = with_chat_template(wb.lm, cfg.chat_template)
+    return wb if lm is wb.lm else replace(wb, lm=lm)
+
+
+def _chat_note(wb: Workbench) -> str:
+    return "; prompts wrapped in the tokenizer's chat template" if wb.lm.chat_template is not None else ""
+
+
 def _check_items(items: Sequence[PromptItem]) -> list[PromptItem]:
     items = list(items)
     if not items:
@@ -624,6 +636,7 @@ def run_baseline(
     """Sample k seeded continuations per prompt from the original model and score the continuations."""
     wb.require_scorer()
     items = _check_items(prompts)
+    wb = _for_run(wb, cfg)
     box: list[str] = []
 
     def body() -> RunResult:
@@ -632,6 +645,7 @@ def run_baseline(
         emit(
             Log(
                 f"baseline run {run_id}: {len(items)} prompts x {cfg.generation.samples} samples on {wb.lm.name}"
+                + _chat_note(wb)
             )
         )
         rows = _before_rows(
@@ -902,6 +916,7 @@ def run_edit(
     items = _check_items(prompts)
     held = list(holdout)
     validate_edit(wb.lm, cfg, items, held)
+    wb = _for_run(wb, cfg)
     box: list[str] = []
 
     def body() -> RunResult:
@@ -910,6 +925,7 @@ def run_edit(
         emit(
             Log(
                 f"edit run {run_id}: {cfg.method} {cfg.protocol} on {len(items)} prompts (+{len(held)} held out)"
+                + _chat_note(wb)
             )
         )
         original = weights_fingerprint(wb.lm.model) if verify else None
@@ -1007,13 +1023,14 @@ def run_ablation(
     wb.require_scorer()
     items = _check_items(prompts)
     checked: ValidatedEdit = validate_edit(wb.lm, cfg, items, configs=configs, ablation=True)
+    wb = _for_run(wb, cfg)
     configs = checked.configs
     box: list[str] = []
 
     def body() -> RunResult:
         run_id = _start_run(wb, "ablation", items, cfg, resume, {"configs": configs}, emit)
         box.append(run_id)
-        emit(Log(f"ablation run {run_id}: {cfg.method} over {len(configs)} configurations"))
+        emit(Log(f"ablation run {run_id}: {cfg.method} over {len(configs)} configurations" + _chat_note(wb)))
         original = weights_fingerprint(wb.lm.model) if verify else None
         all_items, before, fx_inputs, neutral_tox = _prepare_edit(
             wb, run_id, items, [], cfg, emit, cancel, bool(resume)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from detox_tui.backends.chat import prompt_ids
 from detox_tui.backends.models import LoadedModel, pad_batch
 from detox_tui.config import GenerationConfig
 from detox_tui.errors import UserError
@@ -50,8 +51,9 @@ def _encode(lm: LoadedModel, text: str, *, special: bool = True) -> list[int]:
 
 
 def _prompt_ids(lm: LoadedModel, prompt: str, room: int | None) -> list[int]:
-    """Token ids of a prompt (BOS/EOS for an empty one), cut from the left to leave room for the continuation."""
-    ids = _encode(lm, prompt)
+    """Token ids the model sees for a prompt (wrapped in its chat template when the run uses one; BOS/EOS for an
+    empty one), cut from the left to leave room for the continuation."""
+    ids = prompt_ids(lm, prompt)
     if not ids:
         bos = lm.tokenizer.bos_token_id
         ids = [bos if bos is not None else lm.tokenizer.eos_token_id]
@@ -133,9 +135,10 @@ def generate_continuations(
 ) -> list[PromptGenerations]:
     """Sample ``cfg.samples`` continuations per prompt (plus a greedy one if ``cfg.greedy`` or samples == 0).
 
-    Continuations exclude the prompt. Prompts are processed ``cfg.batch_size`` at a time, left-padded with an
-    attention mask; each batch seeds the RNG from (cfg.seed, batch index) inside a forked RNG state, so a seed
-    gives the same table whatever ran before, and an edited model sees the same random stream layout.
+    Continuations exclude the prompt (and its chat template, when the run wraps prompts in one). Prompts are
+    processed ``cfg.batch_size`` at a time, left-padded with an attention mask; each batch seeds the RNG from
+    (cfg.seed, batch index) inside a forked RNG state, so a seed gives the same table whatever ran before, and an
+    edited model sees the same random stream layout.
     """
     prompts = list(prompts)
     ctx = context_length(lm)
@@ -194,7 +197,8 @@ def continuation_logprob(
     """Mean log-probability of each continuation's tokens given its prompt (teacher-forced), float32 on CPU.
 
     Prompt and continuation are tokenised separately (the continuation without special tokens), so the scored
-    tokens are exactly the continuation's. An empty continuation gives NaN.
+    tokens are exactly the continuation's; with a chat template the continuation follows the wrapped prompt, as
+    a generated one does. An empty continuation gives NaN.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")

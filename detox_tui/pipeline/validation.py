@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from detox_tui.backends.chat import check_chat_template_mode
 from detox_tui.backends.editing.base import EDITORS, editor_class
 from detox_tui.backends.editing.presets import (
     apply_layers,
@@ -37,6 +38,7 @@ CLI_NAMES: dict[str, str] = {
     "configs": "--configs",
     "holdout": "--holdout",
     "batch": "--batch",
+    "chat_template": "--chat-template",
 }
 
 
@@ -153,6 +155,7 @@ def validate_edit(
         raise UserError(f"Unknown {names['mode']} '{cfg.mode}'; use replace or erase.")
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"Unknown edit protocol '{cfg.protocol}'; use per-prompt or batch.")
+    check_chat_template_mode(cfg.chat_template, names["chat_template"])
     items, held = list(prompts), list(holdout)
     if held and ablation:
         raise UserError(f"{names['holdout']} is not available for an ablation.")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from detox_tui.backends.chat import prompt_ids, prompt_prefix_ids
 from detox_tui.backends.editing.base import EditRequest
 from detox_tui.backends.models import pad_batch
 from detox_tui.errors import UserError
@@ -99,12 +100,19 @@ def key_position(lm: Any, template: str, request: EditRequest) -> tuple[list[int
     """Token ids of the templated prompt and the key token's index in them.
 
     The key is the last token of the subject (or of the prompt): we tokenise the templated text up to
-    the span's end with the real tokenizer and take its length. Indices are within the unpadded row;
-    batches here are right-padded, so they hold whatever the tokenizer's padding side.
+    the span's end with the real tokenizer and take its length. With a chat template the templated text is
+    the user turn, and a key at the prompt's end is the wrapped prompt's last token (the generation prompt's,
+    where the model reads before it answers). Indices are within the unpadded row; batches here are
+    right-padded, so they hold whatever the tokenizer's padding side.
     """
-    full = _ids(lm, _fill(template, request.prompt))
-    prefix = _ids(lm, _fill(template, request.prompt[: key_span_end(request)]))
-    key = min(len(prefix), len(full)) - 1
+    text = _fill(template, request.prompt)
+    full = prompt_ids(lm, text)
+    end = key_span_end(request)
+    if end == len(request.prompt):
+        key = len(full) - 1
+    else:
+        prefix = prompt_prefix_ids(lm, text, template.index("{}") + end)
+        key = min(len(prefix), len(full)) - 1
     if key < 0:
         raise UserError(f"The prompt '{request.prompt}' tokenises to nothing; it cannot be edited.")
     return full, key

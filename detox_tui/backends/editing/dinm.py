@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from detox_tui.backends.chat import format_prompt, prompt_ids, uses_chat_template
 from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.presets import PresetHparams
 from detox_tui.errors import UserError
@@ -59,9 +60,12 @@ def _out_projection_deltas(lm: Any, deltas: Mapping[int, Callable[[], torch.Tens
 
 
 def _encode_pair(lm: Any, prompt: str, response: str) -> tuple[torch.Tensor, int]:
-    """Token ids of prompt + response (tokenised separately so the boundary is exact) and the prompt length."""
+    """Token ids of prompt + response (tokenised separately so the boundary is exact) and the prompt length.
+
+    The prompt is what the model sees before it answers: wrapped in the chat template when the run uses one.
+    """
     tok = lm.tokenizer
-    p_ids = list(tok(prompt)["input_ids"])
+    p_ids = prompt_ids(lm, prompt)
     r_ids = list(tok(response, add_special_tokens=False)["input_ids"])
     if not r_ids:
         raise UserError(f"The response '{response}' for the prompt '{prompt}' tokenises to nothing.")
@@ -114,7 +118,11 @@ def locate_toxic_layer(lm: Any, prompt: str, safe: str, unsafe: str) -> tuple[in
 
 
 def _neutral_batch(lm: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    enc = lm.tokenizer(list(prompts), return_tensors="pt", padding=True)
+    # General prompts are sent the way the edited prompts are: as user turns when the run uses a chat template.
+    texts = [format_prompt(lm, p) for p in prompts]
+    enc = lm.tokenizer(
+        texts, return_tensors="pt", padding=True, add_special_tokens=not uses_chat_template(lm)
+    )
     mask = enc["attention_mask"].to(lm.device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": enc["input_ids"].to(lm.device), "attention_mask": mask, "position_ids": positions}
