@@ -351,3 +351,43 @@ def test_trace_json_and_csv(capsys, insult_model_dir, tmp_path):
     )
     assert rc == 0, err
     assert json.loads(out)["noise"] == 0.25
+
+
+TINY_ALPHA_ARGS = ["-H", "l2=1", "-H", "clamp_norm_factor=4", "-H", "n_templates=2"]
+
+
+def test_alphaedit_ablates_and_exports_from_the_cli(capsys, insult_model_dir, tmp_path):
+    common = [
+        "--model",
+        str(insult_model_dir),
+        "--prompts",
+        str(first_word_prompts(tmp_path)),
+        "--scorer",
+        "profanity",
+    ]
+    common += ["--samples", "2", "--max-new-tokens", "4", "--device", "cpu"]
+    rc, out, err = run_cli(
+        capsys, "ablate", "--method", "alphaedit", "--configs", "1;1,2", *TINY_ALPHA_ARGS, *common, "--json"
+    )
+    assert rc == 0, err
+    data = json.loads(out)
+    assert [c["layers"] for c in data["configs"]] == [[1], [1, 2]]
+    target = tmp_path / "alpha.json"
+    rc, _, err = run_cli(capsys, "runs", "export", data["run_id"], "--format", "json", "--out", str(target))
+    assert rc == 0, err
+    config = json.loads(target.read_text())["meta"]["config"]
+    assert config["method"] == "alphaedit" and config["hparams"]["l2"] == 1
+    # A threshold under every eigenvalue leaves AlphaEdit nothing to write: one sentence, exit 2.
+    rc, _, err = run_cli(
+        capsys,
+        "edit",
+        "--method",
+        "alphaedit",
+        "--layers",
+        "1",
+        *TINY_ALPHA_ARGS,
+        "-H",
+        "nullspace_threshold=1e-12",
+        *common,
+    )
+    assert rc == 2 and "raise nullspace_threshold" in err and "Traceback" not in err
