@@ -333,3 +333,101 @@ def test_expertise_ranks_toxic_as_the_positive_class_on_the_trained_model(insult
         n_toxic_experts += int(toxic_expert.sum())
         n_nontoxic_experts += int(nontoxic_expert.sum())
     assert n_toxic_experts > 0 and n_nontoxic_experts > 0  # both directions are exercised
+
+
+# ---------------------------------------------------------------- gated MLPs: the neuron vs the gate
+
+
+@pytest.fixture(scope="module")
+def gated_lm(tmp_path_factory):
+    """A random 2-layer Llama (gated MLP: down_proj(silu(gate_proj(x)) * up_proj(x))) with the tiny tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from detox_tui.backends.models import load_model
+    from detox_tui.tiny import build_tokenizer, training_texts
+
+    out = tmp_path_factory.mktemp("aura-llama")
+    tokenizer = build_tokenizer(training_texts())
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return load_model(str(out), device="cpu", dtype="float32")
+
+
+def _scaled_output(module, alpha):
+    return module.register_forward_hook(lambda _m, _i, out: out * alpha)
+
+
+def test_gated_mlp_neuron_is_dampened_at_down_proj_input_and_folds_exactly(gated_lm, tmp_path):
+    lm = gated_lm
+    assert AuraEditor().default_hparams(lm)["unit"] == "neuron"
+    fingerprint = weights_fingerprint(lm.model)
+    delta = get_editor("aura").compute(lm, [], {"modules": "mlp_in"}, _context(tmp_path))
+    # The neuron folds into down_proj's columns; gate_proj and up_proj stay as they are.
+    assert delta.deltas and all(name.endswith("mlp.down_proj.weight") for name in delta.deltas)
+    expertise, hit = cached_expertise(lm, TOXIC, NONTOXIC, tmp_path / "cache", modules="mlp_in")
+    assert hit and set(expertise) == {f"model.layers.{i}.mlp.down_proj:input" for i in range(2)}
+    alphas = {key: alphas_from_auroc(a) for key, a in expertise.items()}
+    assert any(bool((a < 1).any()) for a in alphas.values())
+    probe = _probe(lm)
+    with torch.no_grad():
+        plain = lm.model(**probe).logits
+        with AuraHooks(lm, alphas):
+            hooked = lm.model(**probe).logits
+        # Independently: act(gate) * (alpha up) = alpha (act(gate) * up), the neuron scaled.
+        handles = [
+            _scaled_output(
+                lm.module(f"model.layers.{i}.mlp.up_proj"), alphas[f"model.layers.{i}.mlp.down_proj:input"]
+            )
+            for i in range(2)
+        ]
+        try:
+            by_up = lm.model(**probe).logits
+        finally:
+            for h in handles:
+                h.remove()
+        with delta.applied_to(lm.model):
+            folded = lm.model(**probe).logits
+    assert not torch.allclose(plain, hooked, atol=1e-4)
+    torch.testing.assert_close(hooked, by_up, atol=1e-5, rtol=0)
+    torch.testing.assert_close(folded, hooked, atol=1e-5, rtol=0)
+    assert weights_fingerprint(lm.model) == fingerprint
+
+
+def test_gate_unit_dampens_gate_proj_and_differs_from_the_neuron(gated_lm, tmp_path):
+    lm = gated_lm
+    ctx = _context(tmp_path)
+    neuron = get_editor("aura").compute(lm, [], {"modules": "mlp_in", "unit": "neuron"}, ctx)
+    gate = get_editor("aura").compute(lm, [], {"modules": "mlp_in", "unit": "gate"}, ctx)
+    assert gate.deltas and all(name.endswith("mlp.gate_proj.weight") for name in gate.deltas)
+    expertise, hit = cached_expertise(lm, TOXIC, NONTOXIC, tmp_path / "cache", modules="mlp_in", unit="gate")
+    assert hit and set(expertise) == {f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
+    alphas = {key: alphas_from_auroc(a) for key, a in expertise.items()}
+    probe = _probe(lm)
+    with torch.no_grad():
+        with AuraHooks(lm, alphas):
+            hooked = lm.model(**probe).logits
+        with gate.applied_to(lm.model):
+            gate_logits = lm.model(**probe).logits
+        with neuron.applied_to(lm.model):
+            neuron_logits = lm.model(**probe).logits
+    torch.testing.assert_close(gate_logits, hooked, atol=1e-5, rtol=0)
+    # silu(alpha g) * u is not alpha silu(g) * u: the two units give different models.
+    assert float((gate_logits - neuron_logits).abs().max()) > 1e-4
+
+
+def test_unit_is_validated_in_one_sentence(gated_lm, tmp_path):
+    with pytest.raises(UserError, match="'unit' must be one of neuron, gate, not 'up'"):
+        get_editor("aura").compute(gated_lm, [], {"unit": "up"}, _context(tmp_path))

@@ -75,6 +75,7 @@ def test_named_presets_for_gpt2_medium_and_xl():
         "max_sentences": 500,
         "sentences": "builtin",
         "batch_size": 16,
+        "unit": "gate",
     }
     xl = fake_lm("openai-community/gpt2-xl", 48)
     assert presets.load_preset(xl, "memit")["layers"] == [13, 14, 15, 16, 17]

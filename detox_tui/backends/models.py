@@ -23,7 +23,10 @@ class ModelSpec:
     Paths are dotted attribute paths; ``{}`` in a per-layer template is the block index. ``mlp_out`` is
     the MLP's second linear layer (the out-projection MEMIT/ROME edit); ``mlp_in`` is the linear layer
     whose output is the pre-activation (GPT-2 ``c_fc``). ``conv1d`` is True when linear weights are
-    stored as (in, out) (GPT-2's ``Conv1D``).
+    stored as (in, out) (GPT-2's ``Conv1D``). ``logit_softcap`` names the config attribute holding a final
+    logit soft-cap (Gemma 2: logits = cap x tanh(logits / cap)); code that reads logits through ``final_norm``
+    and ``unembed`` itself must apply it (``unembed_logits``). A tied head needs nothing here: ``unembed``
+    is the ``lm_head`` module, whose weight is then the embedding matrix.
     """
 
     family: str
@@ -37,6 +40,7 @@ class ModelSpec:
     mlp_out: str
     attn: str
     conv1d: bool = False
+    logit_softcap: str | None = None
 
     def block_path(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -105,6 +109,22 @@ MODEL_SPECS: tuple[ModelSpec, ...] = (
         mlp_out="mlp.down_proj",
         attn="self_attn",
     ),
+    # Gemma: the same module paths as Llama (gated MLP, down_proj = out-projection, tied head), plus
+    # pre/post feed-forward norms inside the block, embeddings scaled by sqrt(d) and (Gemma 2) a final
+    # logit soft-cap. Its own family so its presets live in their own file.
+    ModelSpec(
+        family="gemma",
+        model_types=("gemma", "gemma2", "gemma3_text"),
+        blocks="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        unembed="lm_head",
+        mlp="mlp",
+        mlp_in="mlp.gate_proj",
+        mlp_out="mlp.down_proj",
+        attn="self_attn",
+        logit_softcap="final_logit_softcapping",
+    ),
 )
 
 
@@ -127,6 +147,15 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError as exc:
         raise UserError(f"The model has no module '{path}'; its ModelSpec does not match it.") from exc
+
+
+def unembed_logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final-normed hidden states, as the model's own head computes them (soft-cap included)."""
+    logits = get_module(lm.model, lm.spec.unembed)(hidden)
+    cap = getattr(lm.model.config, lm.spec.logit_softcap, None) if lm.spec.logit_softcap else None
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def linear_weight_out_in(module: nn.Module, spec: ModelSpec) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
-from detox_tui.backends.editing.presets import PresetHparams
+from detox_tui.backends.editing.presets import CHOICES, PresetHparams, load_preset
 from detox_tui.backends.models import linear_weight_out_in, to_param_layout
 from detox_tui.errors import UserError
 from detox_tui.events import EventCallback, Progress, check_cancel, null_callback
@@ -28,16 +28,48 @@ log = logging.getLogger(__name__)
 # Keys AurA accepts beyond its preset section (pooling, modules, max_sentences), with their defaults.
 POOLINGS = ("max", "mean")
 MODULE_CHOICES = ("both", "mlp_in", "mlp_out")
+# What an MLP hidden unit is (the "mlp_in" side of ``modules``):
+# - "neuron": the out-projection's input, act(gate_proj(x)) * up_proj(x) on a gated MLP (Llama, Qwen, Mistral,
+#   Gemma), act(c_fc(x)) on GPT-2; dampened by scaling the out-projection's input columns.
+# - "gate": the in-projection's output before the activation (gate_proj on a gated MLP, c_fc on GPT-2, the hook
+#   point of the AurA reference on GPT-2); dampened by scaling the in-projection's rows and bias. On a gated MLP
+#   act(alpha g) * u is not alpha act(g) * u, so this is not the neuron.
+UNITS = CHOICES["unit"]
+# A unit key naming a module's input rather than its output: "<out-projection path>:input".
+INPUT_SUFFIX = ":input"
 
 
-def unit_modules(lm: Any, modules: str = "both") -> list[str]:
-    """Module paths whose output units AurA scores: every layer's MLP in- and/or out-projection."""
+def _is_input(key: str) -> bool:
+    return key.endswith(INPUT_SUFFIX)
+
+
+def _module_path(key: str) -> str:
+    return key[: -len(INPUT_SUFFIX)] if _is_input(key) else key
+
+
+def default_unit(lm: Any) -> str:
+    """The hidden unit the model family's AurA preset names (``neuron`` when the preset says nothing)."""
+    return str(load_preset(lm, "aura").get("unit", "neuron"))
+
+
+def unit_modules(lm: Any, modules: str = "both", unit: str | None = None) -> list[str]:
+    """Unit keys AurA scores per layer: the MLP's hidden units (as ``unit`` says) and/or its out-projection's outputs.
+
+    A key is a module path (the module's output features) or ``<path>:input`` (its input features, the neuron).
+    ``unit`` None = the family preset's.
+    """
     if modules not in MODULE_CHOICES:
         raise UserError(f"Unknown AurA modules '{modules}'; use both, mlp_in or mlp_out.")
+    unit = default_unit(lm) if unit is None else unit
+    if unit not in UNITS:
+        raise UserError(f"Unknown AurA unit '{unit}'; use {' or '.join(UNITS)}.")
     paths = []
     for layer in range(lm.n_layers):
         if modules in ("both", "mlp_in"):
-            paths.append(lm.spec.mlp_in_path(layer))
+            if unit == "neuron":
+                paths.append(lm.spec.mlp_out_path(layer) + INPUT_SUFFIX)
+            else:
+                paths.append(lm.spec.mlp_in_path(layer))
         if modules in ("both", "mlp_out"):
             paths.append(lm.spec.mlp_out_path(layer))
     return paths
@@ -89,20 +121,22 @@ def compute_expertise(
     *,
     pooling: str = "max",
     modules: str = "both",
+    unit: str | None = None,
     batch_size: int = 16,
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Each unit's AUROC for toxic (positive) vs non-toxic sentences: {module path: [units] tensor}.
+    """Each unit's AUROC for toxic (positive) vs non-toxic sentences: {unit key: [units] tensor}.
 
-    A unit is one output feature of the MLP in-projection (pre-activation) or out-projection; its
-    responses are pooled over each sentence's non-padding tokens (``max`` or ``mean``).
+    A unit is one hidden unit of the MLP (``unit``: the neuron = the out-projection's input, or the gate =
+    the in-projection's pre-activation output; None = the family preset's) or one output feature of the
+    out-projection; its responses are pooled over each sentence's non-padding tokens (``max`` or ``mean``).
     """
     if pooling not in POOLINGS:
         raise UserError(f"Unknown AurA pooling '{pooling}'; use max or mean.")
     if not toxic or not nontoxic:
         raise UserError("AurA needs at least one toxic and one non-toxic sentence.")
-    paths = unit_modules(lm, modules)
+    paths = unit_modules(lm, modules, unit)
     sentences = list(toxic) + list(nontoxic)
     labels = torch.tensor([True] * len(toxic) + [False] * len(nontoxic))
     pooled: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
@@ -115,7 +149,18 @@ def compute_expertise(
 
         return hook
 
-    handles = [lm.module(p).register_forward_hook(recorder(p)) for p in paths]
+    def input_recorder(path: str) -> Callable:
+        def hook(_m, inputs):
+            pooled[path].append(_pool(inputs[0].detach(), current_mask[0], pooling).cpu())
+
+        return hook
+
+    handles = [
+        lm.module(_module_path(p)).register_forward_pre_hook(input_recorder(p))
+        if _is_input(p)
+        else lm.module(p).register_forward_hook(recorder(p))
+        for p in paths
+    ]
     tok = lm.tokenizer
     n_batches = (len(sentences) + batch_size - 1) // batch_size
     emit(
@@ -144,7 +189,7 @@ def compute_expertise(
 
 
 class AuraHooks:
-    """Context manager: multiply each unit's output by its alpha with forward hooks (no weight change)."""
+    """Context manager: multiply each unit by its alpha with forward (pre-)hooks (no weight change)."""
 
     def __init__(self, lm: Any, alphas: Mapping[str, torch.Tensor]) -> None:
         self.lm = lm
@@ -152,9 +197,12 @@ class AuraHooks:
         self._handles: list[Any] = []
 
     def __enter__(self) -> AuraHooks:
-        for path, alpha in self.alphas.items():
-            module = self.lm.module(path)
-            self._handles.append(module.register_forward_hook(self._make_hook(alpha)))
+        for key, alpha in self.alphas.items():
+            module = self.lm.module(_module_path(key))
+            if _is_input(key):
+                self._handles.append(module.register_forward_pre_hook(self._make_input_hook(alpha)))
+            else:
+                self._handles.append(module.register_forward_hook(self._make_hook(alpha)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -174,19 +222,37 @@ class AuraHooks:
 
         return hook
 
+    @staticmethod
+    def _make_input_hook(alpha: torch.Tensor) -> Callable:
+        def hook(_m, inputs):
+            x = inputs[0]
+            return (x * alpha.to(x.device, x.dtype), *inputs[1:])
+
+        return hook
+
 
 def fold_alphas(lm: Any, alphas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weight deltas (param layout) that scale each unit's weight row (out, in layout) and bias by alpha."""
-    deltas: dict[str, torch.Tensor] = {}
-    for path, alpha in alphas.items():
+    """Weight deltas (param layout) equal to the hooks: an output unit scales its weight row (out, in layout)
+    and bias by alpha; an input unit (the neuron) scales its weight column, never the bias. A module with both
+    gets W' = diag(a_out) W diag(a_in)."""
+    scales: dict[str, dict[str, torch.Tensor]] = {}
+    for key, alpha in alphas.items():
         if bool((alpha == 1).all()):
             continue
+        scales.setdefault(_module_path(key), {})["in" if _is_input(key) else "out"] = alpha
+    deltas: dict[str, torch.Tensor] = {}
+    for path, by_side in scales.items():
         module = lm.module(path)
-        a = alpha.to(module.weight.device, torch.float32)
         w = linear_weight_out_in(module, lm.spec).detach().float()
-        deltas[f"{path}.weight"] = to_param_layout(w * a.unsqueeze(1) - w, lm.spec).cpu()
+        scaled = w
+        if "out" in by_side:
+            scaled = scaled * by_side["out"].to(w.device, torch.float32).unsqueeze(1)
+        if "in" in by_side:
+            scaled = scaled * by_side["in"].to(w.device, torch.float32).unsqueeze(0)
+        deltas[f"{path}.weight"] = to_param_layout(scaled - w, lm.spec).cpu()
         bias = getattr(module, "bias", None)
-        if bias is not None:
+        if bias is not None and "out" in by_side:
+            a = by_side["out"].to(bias.device, torch.float32)
             b = bias.detach().float()
             deltas[f"{path}.bias"] = (b * a - b).cpu()
     return deltas
@@ -284,7 +350,7 @@ def load_sentence_sets(source: str, max_sentences: int) -> tuple[list[str], list
 
 
 def expertise_cache_key(
-    lm: Any, toxic: Sequence[str], nontoxic: Sequence[str], pooling: str, modules: str
+    lm: Any, toxic: Sequence[str], nontoxic: Sequence[str], pooling: str, modules: str, unit: str = "gate"
 ) -> str:
     digest = hashlib.sha256()
     for group in (toxic, nontoxic):
@@ -292,6 +358,8 @@ def expertise_cache_key(
             digest.update(s.encode("utf-8") + b"\0")
         digest.update(b"\1")
     key = {"model": lm.identity(), "sentences": digest.hexdigest(), "pooling": pooling, "modules": modules}
+    if unit != "gate":  # the keys written before units were a choice stay valid for the gate
+        key["unit"] = unit
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -303,6 +371,7 @@ def cached_expertise(
     *,
     pooling: str = "max",
     modules: str = "both",
+    unit: str | None = None,
     batch_size: int = 16,
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
@@ -310,8 +379,9 @@ def cached_expertise(
     """``compute_expertise`` behind a safetensors cache in ``cache_dir/aura``; returns (expertise, hit)."""
     from safetensors.torch import load_file, save_file
 
+    unit = default_unit(lm) if unit is None else unit
     folder = Path(cache_dir) / "aura"
-    path = folder / f"{expertise_cache_key(lm, toxic, nontoxic, pooling, modules)}.safetensors"
+    path = folder / f"{expertise_cache_key(lm, toxic, nontoxic, pooling, modules, unit)}.safetensors"
     if path.is_file():
         try:
             log.info("AurA expertise cache hit: %s", path)
@@ -319,7 +389,15 @@ def cached_expertise(
         except Exception:  # a corrupt cache entry is recomputed, never fatal
             log.warning("ignoring unreadable AurA cache entry %s", path)
     expertise = compute_expertise(
-        lm, toxic, nontoxic, pooling=pooling, modules=modules, batch_size=batch_size, emit=emit, cancel=cancel
+        lm,
+        toxic,
+        nontoxic,
+        pooling=pooling,
+        modules=modules,
+        unit=unit,
+        batch_size=batch_size,
+        emit=emit,
+        cancel=cancel,
     )
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -338,7 +416,8 @@ def cached_expertise(
 class AuraEditor(PresetHparams, Capabilities):
     """AurA: request-free; every unit with AUROC > 0.5 is scaled by 2 (1 - AUROC), folded into the weights.
 
-    hparams: pooling (max | mean), modules (both | mlp_in | mlp_out), max_sentences per class, sentences
+    hparams: pooling (max | mean), modules (both | mlp_in | mlp_out), unit (neuron | gate: what an MLP hidden
+    unit is, see UNITS; the neuron by default, the gate on GPT-2-style presets), max_sentences per class, sentences
     ("builtin", a Jigsaw CSV path or "hf:<dataset>[:split]"; ctx.extra["toxic_sentences"] /
     ["nontoxic_sentences"] win when given), batch_size, layers (empty = all). The expertise is computed
     for every layer once and cached, so restricting ``layers`` (an ablation sweep) reuses it.
@@ -351,7 +430,7 @@ class AuraEditor(PresetHparams, Capabilities):
     layers_optional = True
     request_free = True
     needs_targets = False
-    optional_hparams = {"layers": []}
+    optional_hparams = {"layers": [], "unit": "neuron"}
     convergence_advice = (
         "more or other toxic/non-toxic sentences (the sentences hyperparameter) or more layers"
     )
@@ -376,7 +455,7 @@ class AuraEditor(PresetHparams, Capabilities):
         ctx: EditContext,
     ) -> EditDelta:
         hp = self.resolve_hparams(lm, hparams)
-        pooling, modules = str(hp["pooling"]), str(hp["modules"])
+        pooling, modules, unit = str(hp["pooling"]), str(hp["modules"]), str(hp["unit"])
         max_sentences = int(hp["max_sentences"])
         # An empty "layers" dampens every layer; a list restricts the edit (layer pickers, ablations).
         only_layers = set(lm.check_layers(list(hp.get("layers") or [])))
@@ -401,6 +480,7 @@ class AuraEditor(PresetHparams, Capabilities):
             cache_dir,
             pooling=pooling,
             modules=modules,
+            unit=unit,
             batch_size=int(hp["batch_size"]),
             emit=ctx.emit,
             cancel=ctx.cancel,
@@ -414,7 +494,7 @@ class AuraEditor(PresetHparams, Capabilities):
         per_layer: dict[str, dict[str, int]] = {}
         for path, alpha in alphas.items():
             n = int((alpha < 1).sum())
-            kind = "mlp_in" if path.endswith(lm.spec.mlp_in) else "mlp_out"
+            kind = "mlp_out" if path == lm.spec.mlp_out_path(_layer_of(lm, path)) else "mlp_in"
             per_layer.setdefault(str(_layer_of(lm, path)), {})[kind] = n
         layers = sorted({_layer_of(lm, p) for p, a in alphas.items() if bool((a < 1).any())})
         n_dampened = sum(int((a < 1).sum()) for a in alphas.values())

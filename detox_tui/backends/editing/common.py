@@ -12,7 +12,7 @@ import torch
 
 from detox_tui.backends.chat import prompt_ids, prompt_prefix_ids
 from detox_tui.backends.editing.base import EditRequest
-from detox_tui.backends.models import pad_batch
+from detox_tui.backends.models import pad_batch, unembed_logits
 from detox_tui.errors import UserError
 from detox_tui.events import EventCallback, Progress, check_cancel, null_callback
 
@@ -346,7 +346,6 @@ def _optimise(
     batch = _build_batch(lm, requests, templates)
     loss_path, needs_norm = _loss_point(lm, int(hp["v_loss_layer"]), path_layer(lm, edit_path))
     final_norm = lm.module(lm.spec.final_norm)
-    unembed = lm.module(lm.spec.unembed)
     dtype = compute_dtype(lm)
     delta = torch.zeros((n, lm.d_model), dtype=dtype, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=float(hp["v_lr"]))
@@ -382,14 +381,14 @@ def _optimise(
             hidden = state.pop("hidden")
             if needs_norm:
                 hidden = final_norm(hidden)
-            tgt_logp = unembed(hidden[batch.tgt_rows, batch.tgt_pos]).to(dtype).log_softmax(-1)
+            tgt_logp = unembed_logits(lm, hidden[batch.tgt_rows, batch.tgt_pos]).to(dtype).log_softmax(-1)
             tok_logp = tgt_logp.gather(1, batch.tgt_ids[:, None])[:, 0]
             # replace: NLL of the safe target; erase: unlikelihood -log(1 - p) of the toxic tokens.
             unlikely = -torch.log((-torch.expm1(tok_logp)).clamp_min(1e-12))
             per_tok = torch.where(erase[batch.nll_req[batch.tgt_row_of]], unlikely, -tok_logp)
             per_row = _group_mean(per_tok, batch.tgt_row_of, len(batch.nll_rows))
             task = _group_mean(per_row, batch.nll_req, n)
-            kl_logp = unembed(hidden[batch.kl_rows, batch.kl_read]).to(dtype).log_softmax(-1)
+            kl_logp = unembed_logits(lm, hidden[batch.kl_rows, batch.kl_read]).to(dtype).log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)

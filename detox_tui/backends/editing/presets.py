@@ -20,6 +20,8 @@ LAYER_KEYS = ("layer", "v_loss_layer")
 CHOICES: dict[str, tuple[str, ...]] = {
     "objective": ("ft-m", "ft-l"),
     "key_form": ("consistent", "reference"),
+    # AurA's MLP hidden unit: the neuron (the out-projection's input) or the gate (the in-projection's output).
+    "unit": ("neuron", "gate"),
 }
 AT_LEAST_ONE = ("v_num_grad_steps", "steps", "n_templates", "template_length", "max_sentences")
 
