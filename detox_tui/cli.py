@@ -1338,8 +1338,11 @@ def _usage_message(exc: Exception) -> str:
     option = getattr(exc, "option_name", None)
     if option and possibilities is not None and type(exc).__name__ == "NoSuchOption":
         message = f"No such option: {option}"
-        if possibilities:
-            message += f" (did you mean {' or '.join(sorted(possibilities))}?)"
+        if possibilities:  # the closest one: click offers every option above its cutoff
+            import difflib
+
+            closest = difflib.get_close_matches(option, list(possibilities), n=1, cutoff=0.0)
+            message += f" (did you mean {closest[0]}?)"
     message = " ".join(message.split()).rstrip(".")
     ctx = getattr(exc, "ctx", None)
     where = ctx.command_path if ctx is not None else "detox-tui"

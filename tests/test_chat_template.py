@@ -263,6 +263,17 @@ def test_teacher_forced_logprob_reads_the_continuation_after_the_wrapped_prompt(
     assert got == pytest.approx(expected, abs=1e-5)
 
 
+def test_fine_tuning_trains_on_the_wrapped_prompt(chat_lm):
+    from detox_tui.backends.editing.ft import _rows
+
+    target = " kind"
+    ids, mask, rows, positions, tokens, _ = _rows(chat_lm, [EditRequest(PROMPT, target)], "ft-m")
+    p, t = raw_ids(chat_lm, f"<s><|user|>{PROMPT}<|end|><|assistant|>"), raw_ids(chat_lm, target)
+    fed = ids[0][mask[0].bool()].tolist()
+    assert fed == p + t[:-1]  # the wrapped prompt, then the target teacher-forced
+    assert positions.tolist() == [len(p) - 1 + j for j in range(len(t))] and tokens.tolist() == t
+
+
 def test_none_is_the_raw_behaviour_of_a_tokenizer_without_a_template(chat_model_dir):
     from detox_tui.backends.editing.common import key_position
     from detox_tui.pipeline.generation import continuation_logprob, generate_continuations

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from detox_tui.backends.chat import prompt_ids
 from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
 from detox_tui.backends.editing.memit import weight_name
 from detox_tui.backends.editing.presets import PresetHparams
@@ -25,7 +26,7 @@ def _rows(lm: Any, requests: Sequence[EditRequest], objective: str):
     """Right-padded rows and, per target token, (row, position, token id, request)."""
     rows, tgt_rows, tgt_pos, tgt_ids, tgt_req = [], [], [], [], []
     for r, req in enumerate(requests):
-        prompt = list(lm.tokenizer(req.prompt)["input_ids"])
+        prompt = prompt_ids(lm, req.prompt)  # wrapped in the chat template when the run uses one
         text = req.toxic if req.mode == "erase" else req.target
         target = list(lm.tokenizer(text or "", add_special_tokens=False)["input_ids"])
         if not prompt or not target:
