@@ -110,6 +110,13 @@ StatsDeviceOpt = Annotated[
         help="Where covariance statistics accumulate: auto (the model's device) or cpu (keeps them off the GPU).",
     ),
 ]
+RectOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--rect",
+        help="RECT: keep this percent of each edited weight's entries (largest |dW|/|W|), zero the rest; the paper keeps 20.",
+    ),
+]
 NeutralOpt = Annotated[str, typer.Option("--neutral-corpus", help="Text for side-effect perplexity.")]
 NeutralPromptsOpt = Annotated[
     str, typer.Option("--neutral-prompts", help="Prompts for side-effect KL/toxicity.")
@@ -245,6 +252,7 @@ class EditOptions:
     stats_corpus: StatsCorpusOpt = "builtin"
     stats_tokens: StatsTokensOpt = None
     stats_device: StatsDeviceOpt = "auto"
+    rect: RectOpt = None
     neutral_corpus: NeutralOpt = "builtin"
     neutral_prompts: NeutralPromptsOpt = "builtin"
     collapse_factor: CollapseOpt = 2.0
@@ -255,6 +263,7 @@ class EditOptions:
         if self.mode not in ("replace", "erase"):
             raise UserError(f"Unknown --mode '{self.mode}'; use replace or erase.")
         from detox_tui.backends.editing.base import EDITORS
+        from detox_tui.backends.editing.rect import check_rect_percent
 
         if self.method.lower() not in EDITORS:
             raise UserError(f"Unknown --method '{self.method}'; choose one of: {', '.join(EDITORS)}.")
@@ -268,6 +277,7 @@ class EditOptions:
             "stats_corpus": self.stats_corpus,
             "stats_tokens": self.stats_tokens,
             "stats_device": _stats_device(self.stats_device),
+            "rect": check_rect_percent(self.rect, "--rect"),
             "side_effects": SideEffectConfig(
                 neutral_corpus=self.neutral_corpus,
                 neutral_prompts=self.neutral_prompts,

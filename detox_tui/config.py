@@ -136,7 +136,7 @@ class ExperimentConfig:
     # "auto": wrap each prompt in the tokenizer's chat template (one user turn + the generation prompt) when it has
     # one; "none": raw prompts. See detox_tui.backends.chat.
     chat_template: str = "auto"
-    method: str | None = None  # memit | rome | ft | dinm | aura; None = baseline only
+    method: str | None = None  # memit | alphaedit | rome | ft | dinm | aura; None = baseline only
     layers: list[int] | None = None
     mode: str = "replace"  # replace | erase
     protocol: str = "per-prompt"  # per-prompt | batch
@@ -145,6 +145,9 @@ class ExperimentConfig:
     stats_corpus: str = "builtin"
     stats_tokens: int | None = None
     stats_device: str = "auto"  # where covariance statistics accumulate: auto (the model's device) | cpu
+    # RECT (Gu et al. 2024): keep this percentage of each edited parameter's entries, those with the largest
+    # relative change |dW| / |W|, and zero the rest; None = off. Applies to any method's delta.
+    rect: float | None = None
     verdict: VerdictConfig = field(default_factory=VerdictConfig)
     eval_protocol: str | None = None  # a key of EVAL_PROTOCOLS, applied with apply_eval_protocol
 

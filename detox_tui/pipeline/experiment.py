@@ -12,6 +12,7 @@ import numpy as np
 
 from detox_tui.backends.chat import with_chat_template
 from detox_tui.backends.editing.base import EditContext, EditDelta, EditRequest, editor_class, get_editor
+from detox_tui.backends.editing.rect import rect
 from detox_tui.backends.models import LoadedModel, load_model, weights_fingerprint
 from detox_tui.backends.scorers.base import Scorer
 from detox_tui.config import ExperimentConfig, Paths
@@ -763,6 +764,8 @@ def _evaluate_config(
         else:
             logp_before = request_logps(wb.lm, group_requests)
         delta: EditDelta = editor.compute(wb.lm, group_requests, hp, ctx)
+        if cfg.rect is not None:  # RECT: only the largest relative changes of the delta are kept
+            delta = rect(delta, wb.lm.model, cfg.rect)
         if save_delta:
             path = _delta_path(save_delta, key, edit_idx if protocol != "batch" else None)
             delta.save(path)

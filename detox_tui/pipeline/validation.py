@@ -21,6 +21,7 @@ from detox_tui.backends.editing.presets import (
     load_preset,
     validate_hparams,
 )
+from detox_tui.backends.editing.rect import check_rect_percent
 from detox_tui.config import ExperimentConfig
 from detox_tui.errors import UserError
 from detox_tui.prompts.base import PromptItem
@@ -39,6 +40,7 @@ CLI_NAMES: dict[str, str] = {
     "holdout": "--holdout",
     "batch": "--batch",
     "chat_template": "--chat-template",
+    "rect": "--rect",
 }
 
 
@@ -156,6 +158,7 @@ def validate_edit(
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"Unknown edit protocol '{cfg.protocol}'; use per-prompt or batch.")
     check_chat_template_mode(cfg.chat_template, names["chat_template"])
+    check_rect_percent(cfg.rect, names["rect"])
     items, held = list(prompts), list(holdout)
     if held and ablation:
         raise UserError(f"{names['holdout']} is not available for an ablation.")
