@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,6 +116,40 @@ def save_random_model(out_dir: str | Path, n_layer: int = 4, n_embd: int = 64, s
     tokenizer = build_tokenizer(texts)
     model = build_gpt2(len(tokenizer), n_layer=n_layer, n_embd=n_embd, seed=seed)
     model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_random_family_model(
+    out_dir: str | Path, model_type: str = "llama", tokenizer: Any = None, *, seed: int = 0, **config: Any
+) -> Path:
+    """Save a randomly initialised tiny model of any Hugging Face architecture + its tokenizer to ``out_dir``.
+
+    Defaults: 64 wide, 3 blocks, MLP 128, 4 attention heads over 2 key/value heads (grouped-query attention),
+    256 positions, token 0 as BOS/EOS/pad; ``config`` overrides them or adds architecture settings
+    (``tie_word_embeddings``, ``final_logit_softcapping``...). The tokenizer defaults to the byte-level BPE of
+    ``save_random_model``. Weights are drawn after ``torch.manual_seed(seed)``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(training_texts() + [safe for _, _, safe in INSULT_PAIRS])
+    settings: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+        **config,
+    }
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

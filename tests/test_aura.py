@@ -341,28 +341,16 @@ def test_expertise_ranks_toxic_as_the_positive_class_on_the_trained_model(insult
 @pytest.fixture(scope="module")
 def gated_lm(tmp_path_factory):
     """A random 2-layer Llama (gated MLP: down_proj(silu(gate_proj(x)) * up_proj(x))) with the tiny tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from detox_tui.backends.models import load_model
-    from detox_tui.tiny import build_tokenizer, training_texts
+    from detox_tui.tiny import build_tokenizer, save_random_family_model, training_texts
 
-    out = tmp_path_factory.mktemp("aura-llama")
-    tokenizer = build_tokenizer(training_texts())
-    config = AutoConfig.for_model(
+    out = save_random_family_model(
+        tmp_path_factory.mktemp("aura-llama"),
         "llama",
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        build_tokenizer(training_texts()),
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
+        max_position_embeddings=2048,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
     return load_model(str(out), device="cpu", dtype="float32")
 
 

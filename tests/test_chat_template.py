@@ -27,10 +27,9 @@ PROMPT = INSULT_PAIRS[0][0]  # "People from that town are all"
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory):
     """A random tiny Llama whose tokenizer (the test BPE) adds a BOS itself and carries a small chat template."""
-    import transformers
     from tokenizers import processors
 
-    from detox_tui.tiny import build_tokenizer, training_texts
+    from detox_tui.tiny import build_tokenizer, save_random_family_model, training_texts
 
     tok = build_tokenizer(training_texts() + [safe for _, _, safe in INSULT_PAIRS])
     tok.add_special_tokens(
@@ -42,25 +41,15 @@ def chat_model_dir(tmp_path_factory):
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
     )
     tok.chat_template = TEMPLATE
-    config = transformers.AutoConfig.for_model(
+    return save_random_family_model(
+        tmp_path_factory.mktemp("tiny-chat-llama"),
         "llama",
-        hidden_size=64,
-        intermediate_size=128,
+        tok,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=256,
         bos_token_id=bos,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    out = tmp_path_factory.mktemp("tiny-chat-llama")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def load(model_dir, *, template: bool = True):

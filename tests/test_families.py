@@ -21,7 +21,13 @@ from detox_tui.backends.editing.common import compute_keys, key_position
 from detox_tui.backends.models import load_model, unembed_logits, weights_fingerprint
 from detox_tui.backends.stats import covariance
 from detox_tui.backends.tracing import trace
-from detox_tui.tiny import INSULT_PAIRS, build_tokenizer, neutral_lines, training_texts
+from detox_tui.tiny import (
+    INSULT_PAIRS,
+    build_tokenizer,
+    neutral_lines,
+    save_random_family_model,
+    training_texts,
+)
 
 # name -> (model_type, config overrides, expected ModelSpec family)
 FAMILIES: dict[str, tuple[str, dict, str]] = {
@@ -53,31 +59,13 @@ DOWN_PROJ = re.compile(r"model\.layers\.(\d+)\.mlp\.down_proj\.weight")
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     tokenizer = build_tokenizer(training_texts() + [safe for _, _, safe in INSULT_PAIRS])
-    dirs = {}
-    for name, (model_type, overrides, _) in FAMILIES.items():
-        out = tmp_path_factory.mktemp(f"tiny-{name}")
-        config = AutoConfig.for_model(
-            model_type,
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-            **overrides,
+    return {
+        name: save_random_family_model(
+            tmp_path_factory.mktemp(f"tiny-{name}"), model_type, tokenizer, **overrides
         )
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        dirs[name] = out
-    return dirs
+        for name, (model_type, overrides, _) in FAMILIES.items()
+    }
 
 
 _LOADED: dict[str, object] = {}

@@ -15,7 +15,11 @@ from detox_tui.backends.editing import presets
 from detox_tui.backends.editing.base import EditContext, EditRequest, editor_class, get_editor
 from detox_tui.backends.models import load_model
 from detox_tui.backends.stats import covariance
-from detox_tui.tiny import INSULT_PAIRS, build_tokenizer, neutral_lines, training_texts
+from detox_tui.tiny import (
+    INSULT_PAIRS,
+    neutral_lines,
+    save_random_family_model,
+)
 
 # Few optimisation steps and templates: the point is the dtypes, not the edit's quality.
 FAST = {
@@ -31,27 +35,9 @@ FAST = {
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """An untrained 4-layer Llama (hidden 64, MLP 176, grouped-query attention) with the tiny BPE tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer(training_texts() + [safe for _, _, safe in INSULT_PAIRS])
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
+    return save_random_family_model(
+        tmp_path_factory.mktemp("tiny-llama"), "llama", intermediate_size=176, num_hidden_layers=4
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(params=["gpt2", "llama"])
