@@ -375,8 +375,12 @@ def test_alphaedit_ablates_and_exports_from_the_cli(capsys, insult_model_dir, tm
     target = tmp_path / "alpha.json"
     rc, _, err = run_cli(capsys, "runs", "export", data["run_id"], "--format", "json", "--out", str(target))
     assert rc == 0, err
-    config = json.loads(target.read_text())["meta"]["config"]
-    assert config["method"] == "alphaedit" and config["hparams"]["l2"] == 1
+    meta = json.loads(target.read_text())["meta"]
+    assert meta["config"]["method"] == "alphaedit" and meta["config"]["hparams"]["l2"] == 1
+    # The summary keeps what each configuration really ran with: the preset under the overrides, resolved.
+    resolved = meta["summary"]["hparams"]
+    assert set(resolved) == {"1", "1,2"} and resolved["1,2"]["layers"] == [1, 2]
+    assert resolved["1"]["nullspace_threshold"] == 0.02 and resolved["1"]["l2"] == 1.0
     # A threshold under every eigenvalue leaves AlphaEdit nothing to write: one sentence, exit 2.
     rc, _, err = run_cli(
         capsys,

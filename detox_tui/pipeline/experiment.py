@@ -964,6 +964,7 @@ def run_edit(
             mode=cfg.mode,
             layers=tuple(cfg.layers) if cfg.layers is not None else None,
             side_effects=side_summary,
+            hparams=_hparams(wb, cfg, cfg.layers),
         )
         _finish(wb, run_id, summary.to_dict(), emit)
         return RunResult(run_id, "edit", res.rows, summary, side_effects=side_summary, deltas=res.saved)
@@ -1089,6 +1090,7 @@ def run_ablation(
             n_configs=len(config_rows),
             best=best.key if best and _finite(best.share_detoxified) > 0 else None,
             best_share_detoxified=best.share_detoxified if best else float("nan"),
+            hparams={",".join(map(str, layers)): _hparams(wb, cfg, layers) for layers in configs},
         )
         _finish(wb, run_id, summary.to_dict(), emit)
         return RunResult(run_id, "ablation", all_rows, summary, config_records=config_rows)

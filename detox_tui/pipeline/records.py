@@ -387,6 +387,8 @@ class EditSummary(Record):
     mode: str = ""
     layers: tuple[int, ...] | None = None
     side_effects: dict[str, Any] | None = None
+    # The hyperparameters the method ran with: the model's preset under the user's overrides, resolved.
+    hparams: dict[str, Any] | None = None
 
     _nested = {
         "detoxified": ("one", Share),
@@ -469,3 +471,5 @@ class AblationSummary(Record):
     n_configs: int
     best: str | None
     best_share_detoxified: float
+    # Per configuration (its key, "4,5"), the resolved hyperparameters it ran with.
+    hparams: dict[str, dict[str, Any]] | None = None
