@@ -144,7 +144,7 @@ def test_at_the_same_fit_memit_moves_the_preserved_keys_more():
     resid = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
     ns = null_space(cov, 2e-2)
     assert ns.dim == d - rank
-    alpha = alphaedit_update(keys, resid, ns.projector, torch.zeros(d, d, dtype=torch.float64), 1.0)
+    alpha = alphaedit_update(keys, resid, ns.projector, 1.0)
     memit = (
         resid.T @ torch.linalg.solve(1000.0 * cov + keys.T @ keys, keys.T).T
     )  # R K^T (lambda C + K K^T)^-1

@@ -81,13 +81,22 @@ def null_space(cov: torch.Tensor, threshold: float) -> NullSpace:
 
 
 def alphaedit_update(
-    keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, memory: torch.Tensor, l2: float
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    projector: torch.Tensor,
+    l2: float,
+    previous: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One layer's update [d_model, d_mlp] from keys [n, d_mlp], residuals [n, d_model], P, K_p K_p^T and l2."""
-    k1 = keys.T  # [d_mlp, n]
-    eye = torch.eye(k1.shape[0], dtype=k1.dtype, device=k1.device)
-    lhs = projector @ (k1 @ k1.T + memory) + l2 * eye
-    rhs = projector @ k1 @ resid  # P K1 R^T, with R^T = resid
+    """One layer's update [d_model, d_mlp] from the edited keys [n, d_mlp], their residuals [n, d_model], P, l2
+    and the keys of earlier batches [m, d_mlp] (K_p; None: none).
+
+    P (K1 K1^T + K_p K_p^T) is formed as (P K) K^T with K = [K1, K_p], O(d_mlp^2 (n + m)) instead of a d_mlp^3
+    product, and K_p is kept as keys rather than a d_mlp x d_mlp sum.
+    """
+    k = keys if previous is None else torch.cat([keys, previous])  # [n + m, d_mlp]
+    eye = torch.eye(k.shape[1], dtype=k.dtype, device=k.device)
+    lhs = (projector @ k.T) @ k + l2 * eye
+    rhs = projector @ (keys.T @ resid)  # P K1 R^T, with R^T = resid
     return torch.linalg.solve(lhs, rhs).T
 
 
@@ -96,7 +105,9 @@ def _digest(cov: torch.Tensor, threshold: float) -> str:
     h.update(PROJECTOR_FORMAT.encode())
     h.update(repr(float(threshold)).encode())
     h.update(str(tuple(cov.shape)).encode())
-    h.update(cov.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    h.update(
+        memoryview(cov.detach().to("cpu", torch.float64).contiguous().numpy())
+    )  # no copy of a CPU float64 C
     return h.hexdigest()
 
 
@@ -218,9 +229,8 @@ class AlphaEditEditor(PresetHparams, Capabilities):
         templates = context_templates(lm, n=n_templates, length=length)
         spaces = layer_null_spaces(lm, layers, threshold, ctx)
         dev = linalg_device(lm)
-        projectors = {layer: spaces[layer].projector.to(dev) for layer in layers}
-        d_mlp = int(projectors[last].shape[0])
-        memory = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=dev) for layer in layers}
+        d_mlp = int(spaces[last].projector.shape[0])
+        previous: dict[int, torch.Tensor | None] = {layer: None for layer in layers}  # K_p per layer, as keys
         totals: dict[str, torch.Tensor] = {}
         applied: list[EditDelta] = []
         losses: list[float] = []
@@ -246,7 +256,9 @@ class AlphaEditEditor(PresetHparams, Capabilities):
                     keys = compute_keys(lm, layer, batch, templates).to(dev, torch.float64)  # [n, d_mlp]
                     current = module_output_at_key(lm, lm.spec.block_path(last), batch)
                     resid = ((zs - current) / (len(layers) - j)).to(dev)  # [n, d_model]
-                    update = alphaedit_update(keys, resid, projectors[layer], memory[layer], l2)
+                    projector = spaces[layer].projector.to(dev)  # one layer's P on the device at a time
+                    update = alphaedit_update(keys, resid, projector, l2, previous[layer])
+                    del projector
                     delta = to_param_layout(update.to(torch.float32), lm.spec).cpu()
                     step = EditDelta(
                         deltas={weight_name(lm, layer): delta}, method=self.name, model_name=lm.name
@@ -264,7 +276,8 @@ class AlphaEditEditor(PresetHparams, Capabilities):
                 ):  # the batch's keys, read on the weights it left, join the edit memory
                     for layer in layers:
                         keys = compute_keys(lm, layer, batch, templates).to(dev, torch.float64)
-                        memory[layer] += keys.T @ keys
+                        prior = previous[layer]
+                        previous[layer] = keys if prior is None else torch.cat([prior, keys])
             check_cancel(ctx.cancel)
         finally:
             for step in reversed(applied):
