@@ -319,3 +319,40 @@ async def test_a_pending_row_filled_in_place_widens_its_columns():
         await pilot.pause()
         column = table.columns[next(k for k in table.columns if k.value == "after")]
         assert column.content_width >= fmt_ci(after).cell_len
+
+
+async def test_alphaedit_is_chosen_in_the_form_and_edits_with_its_own_hyperparameters(
+    insult_model_dir, tmp_path
+):
+    from textual.widgets import Select
+
+    app = make_app(insult_model_dir, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await _set_run_settings(pilot)
+        await _select_only(pilot, [0, 1])
+        app.set_focus(None)
+        await pilot.press("2")
+        app.query_one("#method", Select).value = "alphaedit"
+        await pilot.pause()
+        form = app.query_one(MethodForm)
+        fields = form.hparam_inputs()
+        # AlphaEdit's own settings replace MEMIT's covariance weight.
+        assert {"nullspace_threshold", "l2", "sequential_batch"} <= set(fields)
+        assert "mom2_update_weight" not in fields
+        for key, value in {"l2": "1", "clamp_norm_factor": "4", "n_templates": "2"}.items():
+            await set_input(pilot, fields[key], value)
+        app.query_one(LayerPicker).set_layers([1, 2])
+        app.set_focus(None)
+        await pilot.press("e")
+        await wait_idle(pilot, 180)
+        table = app.query_one(ResultsTable)
+        rows = [r for r in table.rows_data if not r.get("pending")]
+        assert table.mode == "edit" and sorted(r["idx"] for r in rows) == [0, 1]
+        run = app.current_run
+        assert run["kind"] == "edit" and run["summary"]["method"] == "alphaedit"
+        assert (
+            run["summary"]["hparams"]["nullspace_threshold"] == 0.02
+            and run["summary"]["hparams"]["l2"] == 1.0
+        )
+        assert "detoxified" in str(app.query_one("#summary").render())
