@@ -490,6 +490,7 @@ class DetoxApp(App[None]):
             model=ModelConfig(name=self.model_name, device=s.device, dtype=s.dtype),
             scoring=ScoringConfig(scorer=s.scorer),
             prompts=self.prompts_source or "builtin",
+            chat_template=s.chat_template,
         )
 
     def _config(self, method: str | None = None, layers: list[int] | None = None) -> ExperimentConfig:
@@ -513,6 +514,7 @@ class DetoxApp(App[None]):
             cfg.method, cfg.mode, cfg.protocol = method, form.mode, form.protocol
             cfg.hparams = form.hparams()
             cfg.layers = layers
+            cfg.rect = s.rect
         return cfg
 
     def _edit_layers(self, method: str) -> list[int] | None:
@@ -862,7 +864,7 @@ class DetoxApp(App[None]):
         self.push_screen(HelpScreen(sections))
 
     def action_settings(self) -> None:
-        """Scorer, device, dtype, sampling and protocol, applied without a restart."""
+        """Scorer, device, dtype, sampling, protocol, chat prompts and RECT, applied without a restart."""
         if isinstance(self.screen, SettingsDialog):
             return
 
@@ -882,6 +884,12 @@ class DetoxApp(App[None]):
                 )
                 self._runlog(f"sampling for the next runs: {what}")
                 self.notify(f"The next runs sample with {what}.", timeout=4)
+            if "runs" in changes:
+                what = f"chat template {new.chat_template}, RECT " + (
+                    "off" if new.rect is None else f"{new.rect:g}%"
+                )
+                self._runlog(f"next runs: {what}")
+                self.notify(f"The next runs use {what}.", timeout=4)
             if "model" in changes or (self.workbench is None and "scorer" in changes):
                 self._runlog(f"reloading {self.model_name} on {new.device} ({new.dtype}) with {new.scorer}")
                 self.workbench = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -343,6 +344,8 @@ async def test_alphaedit_is_chosen_in_the_form_and_edits_with_its_own_hyperparam
         for key, value in {"l2": "1", "clamp_norm_factor": "4", "n_templates": "2"}.items():
             await set_input(pilot, fields[key], value)
         app.query_one(LayerPicker).set_layers([1, 2])
+        # RECT and the chat-template setting from the Settings dialog reach the run.
+        app.settings = replace(app.settings, rect=50.0, chat_template="none")
         app.set_focus(None)
         await pilot.press("e")
         await wait_idle(pilot, 180)
@@ -356,3 +359,5 @@ async def test_alphaedit_is_chosen_in_the_form_and_edits_with_its_own_hyperparam
             and run["summary"]["hparams"]["l2"] == 1.0
         )
         assert "detoxified" in str(app.query_one("#summary").render())
+        stored = app.workbench.store.get_run(run["run_id"])["config"]
+        assert stored["rect"] == 50.0 and stored["chat_template"] == "none"

@@ -228,6 +228,7 @@ async def test_settings_returns_what_was_typed():
         ("scorer", "perspective", "Unknown scorer"),
         ("temperature", "0", "above 0"),
         ("top_k", "-3", "0 or more"),
+        ("rect", "150", "at most 100"),
     ],
 )
 async def test_settings_invalid_fields(field, value, says):
@@ -297,6 +298,19 @@ async def test_settings_opened_on_a_protocol_keeps_it():
         await pilot.press("ctrl+s")
         await pilot.pause()
     assert app.results == [current]
+
+
+async def test_settings_chat_template_and_rect_reach_the_settings():
+    app = settings_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#settings-chat", Select).value = "none"
+        await type_into(pilot, screen.query_one("#settings-rect", Input), "20")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    assert app.results == [replace(CURRENT, chat_template="none", rect=20.0)]
+    assert settings_changes(CURRENT, app.results[0]) == {"runs"}
 
 
 def test_settings_changes():

@@ -36,6 +36,8 @@ class Settings:
     top_p: float  # (0, 1]
     top_k: int  # >= 0 (0 = off)
     eval_protocol: str | None = None  # None (custom sampling) or a key of EVAL_PROTOCOLS
+    chat_template: str = "auto"  # auto (wrap prompts in the tokenizer's chat template when it has one) | none
+    rect: float | None = None  # RECT: keep this percent of each edited weight's entries; None = off
 
 
 def settings_changes(old: Settings, new: Settings) -> set[str]:
@@ -48,6 +50,8 @@ def settings_changes(old: Settings, new: Settings) -> set[str]:
     sampling = ("temperature", "top_p", "top_k", "eval_protocol")
     if any(getattr(old, name) != getattr(new, name) for name in sampling):
         changes.add("sampling")
+    if (old.chat_template, old.rect) != (new.chat_template, new.rect):
+        changes.add("runs")
     return changes
 
 
@@ -100,6 +104,15 @@ def top_p_problem(text: str) -> str | None:
     return None
 
 
+def rect_problem(text: str) -> str | None:
+    if not text.strip():
+        return None  # off
+    value = _float(text)
+    if value is None or not 0 < value <= 100:
+        return "RECT keeps a percentage above 0 and at most 100 of each edited weight (the paper keeps 20); empty: off."
+    return None
+
+
 def top_k_problem(text: str) -> str | None:
     try:
         value = int(text.strip())
@@ -148,7 +161,9 @@ FIELDS: dict[str, tuple[str, Callable[[str], str | None]]] = {
     "temperature": ("temperature", temperature_problem),
     "top_p": ("top-p", top_p_problem),
     "top_k": ("top-k", top_k_problem),
+    "rect": ("RECT keep %", rect_problem),
 }
+CHAT_TEMPLATES = (("auto: the tokenizer's template", "auto"), ("none: raw prompts", "none"))
 
 
 class SettingsDialog(ModalScreen[Settings | None]):
@@ -302,13 +317,34 @@ class SettingsDialog(ModalScreen[Settings | None]):
                         compact=True,
                     ),
                 )
+            yield from self._row(
+                "chat prompts",
+                Select(
+                    CHAT_TEMPLATES,
+                    value=cur.chat_template if cur.chat_template in ("auto", "none") else "auto",
+                    allow_blank=False,
+                    id="settings-chat",
+                    compact=True,
+                ),
+                first=True,
+            )
+            yield from self._row(
+                "rect",
+                Input(
+                    "" if cur.rect is None else number(cur.rect),
+                    id="settings-rect",
+                    placeholder="off (e.g. 20)",
+                    validators=[Check(rect_problem)],
+                    compact=True,
+                ),
+            )
             with Horizontal(id="settings-buttons"):
                 yield Button("Save", id="settings-save", variant="primary")
                 yield Button("Cancel", id="settings-cancel")
 
     def on_mount(self) -> None:
         self._apply_protocol(self._protocol)
-        for name in ("scorer", "device", *SAMPLING_FIELDS):
+        for name in ("scorer", "device", "rect", *SAMPLING_FIELDS):
             field = self.query_one(f"#settings-{name}", Input)
             if not field.disabled:
                 self._show(field, field.validate(field.value))
@@ -359,7 +395,7 @@ class SettingsDialog(ModalScreen[Settings | None]):
 
     def result(self) -> Settings | None:
         """The Settings typed, or None (with every problem shown inline) while any field is invalid."""
-        names = ["scorer", "device"] + ([] if self._protocol else list(SAMPLING_FIELDS))
+        names = ["scorer", "device", "rect"] + ([] if self._protocol else list(SAMPLING_FIELDS))
         first_bad: Input | None = None
         for name in names:
             field = self.query_one(f"#settings-{name}", Input)
@@ -379,6 +415,8 @@ class SettingsDialog(ModalScreen[Settings | None]):
             top_p=float(value["top_p"]),
             top_k=int(value["top_k"]),
             eval_protocol=self._protocol,
+            chat_template=str(self.query_one("#settings-chat", Select).value),
+            rect=float(value["rect"]) if value["rect"] else None,
         )
 
     @on(Input.Submitted)
