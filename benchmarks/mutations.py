@@ -153,6 +153,30 @@ MUTATIONS: list[Mutation | dict] = [
         tests=["tests/test_verdicts.py::test_reached_rules"],
         why="the target is compared per token with an insult whose later tokens are near-certain",
     ),
+    Mutation(
+        name="alphaedit-no-projection",
+        path="detox_tui/backends/editing/alphaedit.py",
+        old="                    projector = spaces[layer].projector.to(dev)  # one layer's P on the device at a time",
+        new="                    projector = torch.eye(d_mlp, dtype=torch.float64, device=dev)",
+        tests=["tests/test_alphaedit.py::test_the_delta_is_the_papers_formula"],
+        why="AlphaEdit without its null-space projection: an unprotected MEMIT-like update with an L2 prior",
+    ),
+    Mutation(
+        name="alphaedit-memory-ignored",
+        path="detox_tui/backends/editing/alphaedit.py",
+        old="                        previous[layer] = keys if prior is None else torch.cat([prior, keys])",
+        new="                        previous[layer] = None",
+        tests=["tests/test_alphaedit.py::test_sequential_batches_accumulate_the_keys_of_earlier_batches"],
+        why="sequential batches forget the keys already written, so later batches may overwrite them",
+    ),
+    Mutation(
+        name="rect-keeps-the-smallest",
+        path="detox_tui/backends/editing/rect.py",
+        old="mask[torch.topk(ratio, k, sorted=False).indices] = True",
+        new="mask[torch.topk(-ratio, k, sorted=False).indices] = True",
+        tests=["tests/test_rect.py"],
+        why="RECT keeps the smallest relative changes instead of the largest",
+    ),
 ]
 
 
