@@ -131,8 +131,11 @@ def _cache_file(cache_dir: Path, key: str) -> Path:
     return cache_dir / "stats" / f"{key}.safetensors"
 
 
-def _load_cached(path: Path, d_mlp: int) -> torch.Tensor | None:
-    """The cached covariance, or None when absent; a corrupt or truncated file is logged and ignored."""
+def load_tensor_cache(
+    path: Path, name: str, fmt: str, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, dict[str, str]] | None:
+    """A cached float64 tensor ``name`` and its metadata, or None when absent; a file of another format, shape or
+    checksum, or a corrupt or truncated one, is logged and ignored (the caller recomputes it)."""
     if not path.is_file():
         return None
     from safetensors import safe_open
@@ -140,35 +143,46 @@ def _load_cached(path: Path, d_mlp: int) -> torch.Tensor | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensor = f.get_tensor("covariance")
+            tensor = f.get_tensor(name)
         ok = (
-            meta.get("format") == CACHE_FORMAT
-            and tuple(tensor.shape) == (d_mlp, d_mlp)
+            meta.get("format") == fmt
+            and tuple(tensor.shape) == tuple(shape)
             and tensor.dtype == torch.float64
             and meta.get("checksum") == _checksum(tensor)
         )
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        log.warning("covariance cache file %s is unreadable (%s); recomputing it", path, exc)
+        log.warning("%s cache file %s is unreadable (%s); recomputing it", name, path, exc)
         return None
     if not ok:
-        log.warning("covariance cache file %s failed its shape/checksum check; recomputing it", path)
+        log.warning("%s cache file %s failed its shape/checksum check; recomputing it", name, path)
         return None
-    return tensor
+    return tensor, meta
 
 
-def _save_cached(path: Path, cov: torch.Tensor, meta: dict[str, str]) -> None:
+def save_tensor_cache(path: Path, name: str, tensor: torch.Tensor, fmt: str, meta: dict[str, str]) -> None:
+    """Write ``tensor`` as ``name`` with ``meta``, its format and checksum, atomically; a failure is only logged."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    cov = cov.detach().contiguous().cpu()
-    metadata = {**meta, "format": CACHE_FORMAT, "checksum": _checksum(cov)}
+    tensor = tensor.detach().contiguous().cpu()
+    metadata = {**meta, "format": fmt, "checksum": _checksum(tensor)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        save_file({"covariance": cov}, str(tmp), metadata=metadata)
+        save_file({name: tensor}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        log.warning("could not write the covariance cache %s: %s", path, exc)
+        log.warning("could not write the %s cache %s: %s", name, path, exc)
+
+
+def _load_cached(path: Path, d_mlp: int) -> torch.Tensor | None:
+    """The cached covariance, or None when absent or damaged."""
+    cached = load_tensor_cache(path, "covariance", CACHE_FORMAT, (d_mlp, d_mlp))
+    return None if cached is None else cached[0]
+
+
+def _save_cached(path: Path, cov: torch.Tensor, meta: dict[str, str]) -> None:
+    save_tensor_cache(path, "covariance", cov, CACHE_FORMAT, meta)
 
 
 # Keys are multiplied out in chunks of at least this many tokens: one float32 GEMM per chunk, then one

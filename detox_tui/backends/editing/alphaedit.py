@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +34,13 @@ from detox_tui.backends.editing.common import (
     compute_keys,
     compute_targets,
     context_templates,
-    module_output_at_key,
     template_hparams,
 )
-from detox_tui.backends.editing.memit import layer_covariances, linalg_device, weight_name
+from detox_tui.backends.editing.memit import layer_covariances, linalg_device, write_layers
 from detox_tui.backends.editing.presets import PresetHparams
-from detox_tui.backends.models import to_param_layout
+from detox_tui.backends.stats import load_tensor_cache, save_tensor_cache
 from detox_tui.errors import UserError
-from detox_tui.events import Progress, check_cancel
+from detox_tui.events import check_cancel
 
 log = logging.getLogger(__name__)
 
@@ -112,46 +110,32 @@ def _digest(cov: torch.Tensor, threshold: float) -> str:
 
 
 def _load_projector(path: Path, d: int) -> NullSpace | None:
-    from safetensors import safe_open
-
+    cached = load_tensor_cache(path, "projector", PROJECTOR_FORMAT, (d, d))
+    if cached is None:
+        return None
+    projector, meta = cached
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            p = f.get_tensor("projector")
-        if meta.get("format") != PROJECTOR_FORMAT or tuple(p.shape) != (d, d) or not torch.isfinite(p).all():
-            raise ValueError("not a projector of this shape")
         largest = meta.get("largest_kept", "")
         return NullSpace(
-            projector=p.to(torch.float64),
+            projector=projector,
             dim=int(meta["dim"]),
             threshold=float(meta["threshold"]),
             smallest=float(meta["smallest"]),
             largest_kept=float(largest) if largest else None,
         )
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # a damaged cache file is recomputed, never trusted
-        log.warning("ignoring the damaged null-space cache %s (%s)", path, exc)
+    except (KeyError, ValueError) as exc:  # metadata from another writer: recomputed, never trusted
+        log.warning("ignoring the null-space cache %s (%s)", path, exc)
         return None
 
 
 def _save_projector(path: Path, ns: NullSpace) -> None:
-    from safetensors.torch import save_file
-
     meta = {
-        "format": PROJECTOR_FORMAT,
         "dim": str(ns.dim),
         "threshold": repr(ns.threshold),
         "smallest": repr(ns.smallest),
         "largest_kept": "" if ns.largest_kept is None else repr(ns.largest_kept),
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"projector": ns.projector.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except OSError as exc:  # a cache that cannot be written costs time, not the edit
-        log.warning("could not cache the null-space projector at %s: %s", path, exc)
+    save_tensor_cache(path, "projector", ns.projector, PROJECTOR_FORMAT, meta)
 
 
 def layer_null_spaces(
@@ -251,26 +235,16 @@ class AlphaEditEditor(PresetHparams, Capabilities):
                 losses.extend(z.losses)
                 steps.extend(z.steps)
                 zs = z.target.to("cpu", torch.float64)
-                for j, layer in enumerate(layers):
-                    check_cancel(ctx.cancel)
-                    keys = compute_keys(lm, layer, batch, templates).to(dev, torch.float64)  # [n, d_mlp]
-                    current = module_output_at_key(lm, lm.spec.block_path(last), batch)
-                    resid = ((zs - current) / (len(layers) - j)).to(dev)  # [n, d_model]
+
+                def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
                     projector = spaces[layer].projector.to(dev)  # one layer's P on the device at a time
-                    update = alphaedit_update(keys, resid, projector, l2, previous[layer])
-                    del projector
-                    delta = to_param_layout(update.to(torch.float32), lm.spec).cpu()
-                    step = EditDelta(
-                        deltas={weight_name(lm, layer): delta}, method=self.name, model_name=lm.name
-                    )
-                    step.apply(lm.model)
-                    applied.append(step)
-                    name = weight_name(lm, layer)
+                    return alphaedit_update(keys, resid, projector, l2, previous[layer])
+
+                written = write_layers(lm, batch, layers, templates, zs, solve, self.name, ctx, applied)
+                for name, delta in written.items():
                     totals[name] = (
                         totals.get(name, torch.zeros_like(delta, dtype=torch.float64)) + delta.double()
                     )
-                    log.info("alphaedit layer %d: ||dW|| = %.4g", layer, float(update.norm()))
-                    ctx.emit(Progress("alphaedit layers", j + 1, len(layers), f"layer {layer}"))
                 if b + 1 < len(
                     batches
                 ):  # the batch's keys, read on the weights it left, join the edit memory

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,43 @@ def layer_covariances(lm: Any, layers: Sequence[int], ctx: EditContext) -> dict[
     )
 
 
+def write_layers(
+    lm: Any,
+    requests: Sequence[EditRequest],
+    layers: Sequence[int],
+    templates: Sequence[str],
+    zs: torch.Tensor,
+    solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    method: str,
+    ctx: EditContext,
+    applied: list[EditDelta],
+) -> dict[str, torch.Tensor]:
+    """MEMIT's spreading of the z targets ``zs`` over ``layers``, lowest first, on the weights as they are.
+
+    Per layer: the requests' keys [n, d_mlp] (float64), the residual of the z targets at the last layer divided by
+    the layers left [n, d_model], ``solve(layer, keys, resid)`` -> the update [d_model, d_mlp] (out, in), applied
+    at once so the next layer sees it; each applied step is appended to ``applied`` for the caller to revert.
+    Returns the per-parameter deltas (float32, the parameter's layout).
+    """
+    dev = linalg_device(lm)
+    last = layers[-1]
+    deltas: dict[str, torch.Tensor] = {}
+    for j, layer in enumerate(layers):
+        check_cancel(ctx.cancel)
+        keys = compute_keys(lm, layer, requests, templates).to(dev)  # [n, d_mlp]
+        current = module_output_at_key(lm, lm.spec.block_path(last), requests)
+        resid = ((zs - current) / (len(layers) - j)).to(dev)  # [n, d_model]
+        update = solve(layer, keys, resid)
+        delta = to_param_layout(update.to(torch.float32), lm.spec).cpu()
+        step = EditDelta(deltas={weight_name(lm, layer): delta}, method=method, model_name=lm.name)
+        step.apply(lm.model)
+        applied.append(step)
+        deltas[weight_name(lm, layer)] = delta
+        log.info("%s layer %d: ||dW|| = %.4g", method, layer, float(update.norm()))
+        ctx.emit(Progress(f"{method} layers", j + 1, len(layers), f"layer {layer}"))
+    return deltas
+
+
 class MemitEditor(PresetHparams, Capabilities):
     """Mass edit of the out-projections of layers R; weights are restored before ``compute`` returns."""
 
@@ -83,24 +120,15 @@ class MemitEditor(PresetHparams, Capabilities):
         covs = layer_covariances(lm, layers, ctx)
         dev = linalg_device(lm)
         lam = float(hp["mom2_update_weight"])
-        deltas: dict[str, torch.Tensor] = {}
+
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+            gram = lam * covs[layer].to(dev, torch.float64) + keys.T @ keys
+            # Delta W = resid K^T (lambda C + K K^T)^-1, with K = keys^T; the matrix is symmetric.
+            return resid.T @ solve_psd(gram, keys.T).T  # [d_model, d_mlp] (out, in)
+
         applied: list[EditDelta] = []
         try:
-            for j, layer in enumerate(layers):
-                check_cancel(ctx.cancel)
-                keys = compute_keys(lm, layer, requests, templates).to(dev)  # [n, d_mlp]
-                current = module_output_at_key(lm, lm.spec.block_path(last), requests)
-                resid = ((zs - current) / (len(layers) - j)).to(dev)  # [n, d_model]
-                gram = lam * covs[layer].to(dev, torch.float64) + keys.T @ keys
-                # Delta W = resid K^T (lambda C + K K^T)^-1, with K = keys^T; the matrix is symmetric.
-                update = resid.T @ solve_psd(gram, keys.T).T  # [d_model, d_mlp] (out, in)
-                delta = to_param_layout(update.to(torch.float32), lm.spec).cpu()
-                step = EditDelta(deltas={weight_name(lm, layer): delta}, method=self.name, model_name=lm.name)
-                step.apply(lm.model)
-                applied.append(step)
-                deltas[weight_name(lm, layer)] = delta
-                log.info("memit layer %d: ||dW|| = %.4g", layer, float(update.norm()))
-                ctx.emit(Progress("memit layers", j + 1, len(layers), f"layer {layer}"))
+            deltas = write_layers(lm, requests, layers, templates, zs, solve, self.name, ctx, applied)
             check_cancel(ctx.cancel)
         finally:
             for step in reversed(applied):
