@@ -1261,6 +1261,117 @@ def demo(
     console.print(f"run {result.run_id} (detox-tui runs show {result.run_id}); open the app: detox-tui demo")
 
 
+@app.command()
+def sweep(
+    grid: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Grid file (TOML, or YAML with PyYAML): models, methods, layers, hparams, prompts...."
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="local (in this process, in order) or ray (actors, one per GPU).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster: auto or ray://host:10001 (default: start a local Ray)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="At most this many Ray actors.")
+    ] = None,
+    cpus_per_worker: Annotated[
+        int, typer.Option("--cpus-per-worker", min=1, help="CPUs (and torch threads) per Ray actor.")
+    ] = 1,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Run only the unfinished experiments of this sweep.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the expanded experiments and stop; nothing is stored.")
+    ] = False,
+    verify_weights: Annotated[
+        bool, typer.Option("--verify-weights", help="Check the weights' fingerprint after every experiment.")
+    ] = False,
+    out: OutOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Run a grid of edit experiments (models x methods x layers x hyperparameters), each from the original weights."""
+    from detox_tui.console_sweep import SweepProgress, experiments_table, sweep_table
+    from detox_tui.pipeline.store import RunStore
+    from detox_tui.pipeline.sweep import LocalBackend, grid_of_run, load_grid, run_sweep
+    from detox_tui.pipeline.sweep import experiments_table as expanded
+
+    if backend not in ("local", "ray"):
+        raise UserError(f"Unknown --backend '{backend}'; use local or ray.")
+    if address and backend != "ray":
+        raise UserError("--address needs --backend ray.")
+    if (grid is None) == (resume is None):
+        raise UserError("Give a grid file, or --resume RUN_ID to finish a stored sweep (not both).")
+    _check_out(out)
+    store = RunStore.open(str(data_dir) if data_dir else None)
+    if resume:
+        run = store.get_run(resume)
+        if run["kind"] != "sweep":
+            raise UserError(f"Run '{resume}' is a {run['kind']} run, not a sweep.")
+        plan = grid_of_run(run)
+    else:
+        plan = load_grid(grid)
+    if not as_json:
+        err.print(experiments_table(expanded(plan)))
+    if dry_run:
+        if as_json:
+            _print_json({"experiments": expanded(plan)})
+        return
+    _before_model_work(threads)
+    dd = str(data_dir) if data_dir else None
+    if backend == "ray":
+        from detox_tui.pipeline.sweep_ray import RayBackend
+
+        engine = RayBackend(
+            address=address,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            data_dir=dd,
+            verify=verify_weights,
+            log_message=lambda m: err.print(m, markup=False, highlight=False) if not as_json else None,
+        )
+    else:
+        engine = LocalBackend(dd, verify=verify_weights)
+    box: list[str] = []
+
+    def emit(event) -> None:
+        if event.kind == "expanded" and not box:
+            box.append(event.run_id)
+        progress(event)
+
+    try:
+        with SweepProgress(err, quiet=as_json) as progress:
+            run_id, summary = run_sweep(store, plan, engine, data_dir=dd, resume=resume, emit=emit)
+    except (KeyboardInterrupt, Cancelled) as exc:
+        raise RunInterrupted("sweep", box[0] if box else resume) from exc
+    rows = store.rows(run_id, "sweep")
+    if out is not None:
+        for written in store.export_files(run_id, out):
+            err.print(f"wrote {written}", markup=False, highlight=False)
+    if as_json:
+        _print_json({"run_id": run_id, "experiments": rows, "summary": summary})
+        return
+    console.print(sweep_table(rows))
+    best = summary.get("best")
+    tail = (
+        f"best {best} ({100 * summary['best_share_detoxified']:.1f}% detoxified)"
+        if best
+        else "no experiment detoxified any prompt"
+    )
+    console.print(
+        f"sweep {run_id}: {summary['n_finished']} of {summary['n_experiments']} finished, {summary['n_failed']} failed; "
+        + tail,
+        markup=False,
+        highlight=False,
+    )
+
+
 # ------------------------------------------------------------------------------------------ entry point
 
 

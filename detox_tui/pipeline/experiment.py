@@ -297,9 +297,10 @@ def _hparams(wb: Workbench, cfg: ExperimentConfig, layers: Sequence[int] | None)
 class _UnionCovariance:
     """Covariance provider for ablations: statistics for the union of all configurations' layers, computed once."""
 
-    def __init__(self, wb: Workbench, cfg: ExperimentConfig, layers: Sequence[int], emit, cancel):
+    def __init__(self, wb: Workbench, cfg: ExperimentConfig, layers: Sequence[int], emit, cancel, stats=None):
         self.wb, self.cfg, self.layers, self.emit, self.cancel = wb, cfg, sorted(set(layers)), emit, cancel
-        self._stats: dict[int, Any] | None = None
+        # ``stats``: statistics computed beforehand (a sweep's, once per model); missing layers are computed.
+        self._stats: dict[int, Any] | None = dict(stats) if stats else None
 
     def __call__(self, lm: LoadedModel, layers: Sequence[int]) -> dict[int, Any]:
         from detox_tui.backends.stats import covariance
@@ -895,6 +896,72 @@ def _prepare_edit(
     return all_items, before, fx_inputs, neutral_tox
 
 
+@dataclass(frozen=True)
+class SharedInputs:
+    """What a sweep computes once per model and hands to each of its edit experiments.
+
+    ``before_rows`` / ``before_generations``: the before phase over the experiment's prompts (+ holdout) with its
+    generation and scoring settings, as stored (``RunStore.rows`` of table "before", ``RunStore.generations``);
+    the before phase depends on nothing an experiment varies (method, layers, hyperparameters), so every experiment
+    of the model is compared against the same samples. ``covariance``: per layer, as ``stats.covariance`` returns it.
+    """
+
+    before_rows: list[dict[str, Any]]
+    before_generations: list[dict[str, Any]]
+    covariance: dict[int, Any] | None = None
+
+
+def prepare_shared(
+    wb: Workbench,
+    items: Sequence[PromptItem],
+    cfg: ExperimentConfig,
+    *,
+    holdout: Sequence[PromptItem] = (),
+    covariance_layers: Sequence[int] = (),
+    emit: EventCallback = null_callback,
+    cancel: threading.Event | None = None,
+) -> SharedInputs:
+    """The before phase of ``items`` + ``holdout`` under ``cfg`` and the covariance of ``covariance_layers``,
+    computed once (the before phase in a temporary run of ``wb.store``, deleted afterwards)."""
+    wb.require_scorer()
+    all_items = _check_items(items) + list(holdout)
+    wb = _for_run(wb, cfg)
+    run_id = wb.store.create_run("edit", {"shared_inputs": True}, model=wb.lm.name, note="temporary")
+    try:
+        wb.store.add_prompts(run_id, all_items)
+        _before_rows(wb, run_id, all_items, cfg, table="before", emit=emit, cancel=cancel)
+        rows = wb.store.rows(run_id, "before")
+        gens = [g for g in wb.store.generations(run_id) if g["phase"] == "before"]
+    finally:
+        wb.store.delete_run(run_id)
+    stats = None
+    if covariance_layers:
+        stats = _UnionCovariance(wb, cfg, covariance_layers, emit, cancel)(
+            wb.lm, sorted(set(covariance_layers))
+        )
+    return SharedInputs(rows, gens, stats)
+
+
+def _store_shared_before(wb: Workbench, run_id: str, shared: SharedInputs) -> None:
+    """Write a sweep's shared before phase into the run, as if the run had generated it (then resumed past it)."""
+    by_prompt: dict[int, list[dict[str, Any]]] = {}
+    for g in shared.before_generations:
+        by_prompt.setdefault(int(g["prompt_idx"]), []).append(g)
+    for idx, gens in sorted(by_prompt.items()):
+        attrs = list(gens[0]["scores"])
+        wb.store.add_generations(
+            run_id,
+            "before",
+            "",
+            idx,
+            [g["text"] for g in gens],
+            {a: [float(g["scores"][a]) for g in gens] for a in attrs},
+            [int(g["sample_idx"]) for g in gens],
+        )
+    for row in shared.before_rows:
+        wb.store.add_row(run_id, "before", str(row["idx"]), row)
+
+
 def _stored_side_effects(wb: Workbench, run_id: str, key: str) -> list[SideEffects]:
     return [SideEffects.from_dict(r) for r in wb.store.rows(run_id, "side_effects") if r.get("config") == key]
 
@@ -910,10 +977,13 @@ def run_edit(
     resume: str | None = None,
     save_delta: str | None = None,
     verify: bool = False,
+    shared: SharedInputs | None = None,
 ) -> RunResult:
     """Baseline -> edit (per prompt or batch, always from the original weights) -> after -> side effects.
 
     The configuration is checked first (validate_edit: cheap, no forward pass), so a mistake costs nothing.
+    ``shared`` (a sweep's, from ``prepare_shared`` with the same prompts and settings): its before phase is used
+    instead of generating one, and its covariance statistics instead of computing them.
     """
     wb.require_scorer()
     items = _check_items(prompts)
@@ -932,10 +1002,15 @@ def run_edit(
             )
         )
         original = weights_fingerprint(wb.lm.model) if verify else None
+        if shared is not None and not resume:
+            _store_shared_before(wb, run_id, shared)
         all_items, before, fx_inputs, neutral_tox = _prepare_edit(
-            wb, run_id, items, held, cfg, emit, cancel, bool(resume)
+            wb, run_id, items, held, cfg, emit, cancel, bool(resume) or shared is not None
         )
         done = wb.store.row_keys(run_id, "edit") if resume else set()
+        covariance = None
+        if shared is not None and shared.covariance and editor_class(cfg.method or "").needs_covariance:
+            covariance = _UnionCovariance(wb, cfg, [], emit, cancel, stats=shared.covariance)
         res = _evaluate_config(
             wb,
             run_id,
@@ -948,6 +1023,7 @@ def run_edit(
             neutral_tox,
             emit=emit,
             cancel=cancel,
+            covariance=covariance,
             done_keys=done,
             save_delta=save_delta,
             verify=verify,

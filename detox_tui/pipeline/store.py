@@ -439,6 +439,108 @@ class RunStore:
                 for r in cur
             ]
 
+    # ------------------------------------------------------------------------------------ copy between stores
+
+    def dump_run(self, run_id: str) -> dict[str, Any]:
+        """Everything stored for a run as plain data (for ``import_run`` into another store): kind, model, status,
+        note, config, summary, error, prompts, result rows (table, key, data; in write order) and generations."""
+        run = self.get_run(run_id)
+        rid = run["id"]
+        with self._connect() as conn:
+            rows = [
+                {"table": r["tbl"], "key": r["key"], "data": json.loads(r["data"])}
+                for r in conn.execute(
+                    "SELECT tbl, key, data FROM result_rows WHERE run_id = ? ORDER BY rowid", (rid,)
+                )
+            ]
+            gens = [
+                {
+                    "phase": r["phase"],
+                    "config_key": r["config_key"],
+                    "prompt_idx": r["prompt_idx"],
+                    "sample_idx": r["sample_idx"],
+                    "text": r["text"],
+                    "scores": json.loads(r["scores"]),
+                }
+                for r in conn.execute(
+                    "SELECT phase, config_key, prompt_idx, sample_idx, text, scores FROM generations "
+                    "WHERE run_id = ? ORDER BY id",
+                    (rid,),
+                )
+            ]
+        keep = ("kind", "model", "status", "note", "config", "summary", "error", "prompts")
+        return {**{k: run[k] for k in keep}, "rows": rows, "generations": gens}
+
+    def import_run(self, dump: Mapping[str, Any], *, config_extra: Mapping[str, Any] | None = None) -> str:
+        """Store a ``dump_run`` result as a new run (one transaction: all of it or nothing) and return its id."""
+        config_json = _dumps({**dict(dump["config"] or {}), **dict(config_extra or {})})
+        summary = dump.get("summary")
+        for _ in range(20):
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            with self._write() as conn:
+                if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                    continue
+                now = _now()
+                conn.execute(
+                    "INSERT INTO runs (id, kind, model, status, created, updated, note, config, summary, error) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        dump["kind"],
+                        dump["model"],
+                        dump["status"],
+                        now,
+                        now,
+                        dump.get("note") or "",
+                        config_json,
+                        None if summary is None else _dumps(summary),
+                        dump.get("error"),
+                    ),
+                )
+                self._insert_contents(conn, run_id, dump)
+                return run_id
+        raise RuntimeError("could not allocate a unique run id")
+
+    @staticmethod
+    def _insert_contents(conn: sqlite3.Connection, run_id: str, dump: Mapping[str, Any]) -> None:
+        conn.executemany(
+            "INSERT INTO prompts (run_id, idx, prompt, target, subject, category, toxic, meta) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    run_id,
+                    p["idx"],
+                    p["prompt"],
+                    p["target"],
+                    p["subject"],
+                    p["category"],
+                    p["toxic"],
+                    _dumps(p["meta"] or {}),
+                )
+                for p in dump["prompts"]
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO result_rows (run_id, tbl, key, data) VALUES (?, ?, ?, ?)",
+            [(run_id, r["table"], str(r["key"]), _dumps(r["data"])) for r in dump["rows"]],
+        )
+        conn.executemany(
+            "INSERT INTO generations (run_id, phase, config_key, prompt_idx, sample_idx, text, scores) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    run_id,
+                    g["phase"],
+                    g["config_key"],
+                    g["prompt_idx"],
+                    g["sample_idx"],
+                    g["text"],
+                    _dumps(g["scores"]),
+                )
+                for g in dump["generations"]
+            ],
+        )
+
     # ------------------------------------------------------------------------------------ export
 
     def export(

@@ -229,6 +229,19 @@ ABLATION_COLUMNS = (
     Column("TP after", ("toxicity_probability_after",), NUM, ("toxicity_probability",)),
 )
 
+# A sweep's experiments: what ran (its label names the layers and hyperparameter values that vary), how it ended,
+# then the ablation columns of its edit, and the id of its own run.
+SWEEP_COLUMNS = (
+    Column("id", ("id",), TEXT),
+    Column("experiment", ("label",), TEXT),
+    Column("model", ("model",), TEXT),
+    Column("method", ("method",), TEXT),
+    Column("state", ("state",), TEXT),
+    *ABLATION_COLUMNS[1:],
+    Column("run", ("run_id",), TEXT),
+    Column("error", ("error",), TEXT, show=_nonempty("error")),
+)
+
 TRACE_COLUMNS = (
     Column("layer", ("layer",), INT),
     Column("strongest token", ("argmax_token",), TEXT, ("trace_effect",)),
@@ -240,6 +253,7 @@ ROW_COLUMNS = {
     "edit": EDIT_COLUMNS,
     "ablation": ABLATION_COLUMNS,
     "trace": TRACE_COLUMNS,
+    "sweep": SWEEP_COLUMNS,
 }
 
 _HEADER_UNSAFE = str.maketrans({ch: " " for ch in "\\|*_`<>[]&%$#{}~^"})
@@ -358,6 +372,14 @@ ABLATION_SUMMARY = (
     Column("best share detoxified", ("best_share_detoxified",), NUM, ("share_detoxified",)),
 )
 
+SWEEP_SUMMARY = (
+    Column("experiments", ("n_experiments",), INT),
+    Column("finished", ("n_finished",), INT),
+    Column("failed", ("n_failed",), INT),
+    Column("best experiment", ("best",), TEXT, ("share_detoxified",), show=lambda rows: True),
+    Column("best share detoxified", ("best_share_detoxified",), NUM, ("share_detoxified",)),
+)
+
 TRACE_SUMMARY = (
     Column("prompt", ("prompt",), TEXT),
     Column("continuation", ("continuation",), TEXT),
@@ -377,6 +399,7 @@ SUMMARY_ENTRIES = {
     "edit": EDIT_SUMMARY,
     "ablation": ABLATION_SUMMARY,
     "trace": TRACE_SUMMARY,
+    "sweep": SWEEP_SUMMARY,
 }
 
 # ----------------------------------------------------------------------------------------------- definitions
@@ -443,11 +466,13 @@ def definitions(columns: Sequence[Column]) -> list[tuple[str, str]]:
 
 
 def row_kind(rows: Rows) -> str | None:
-    """ "baseline", "edit", "ablation" or "trace" from the rows' shape; None for anything else (sweeps, side
+    """ "baseline", "edit", "ablation", "trace" or "sweep" from the rows' shape; None for anything else (side
     effects)."""
     if not rows:
         return None
     first = rows[0]
+    if "state" in first and "label" in first and "attempts" in first:
+        return "sweep"
     if "layer" in first and "scores" in first and "argmax_token" in first:
         return "trace"
     if isinstance(first.get("before"), Mapping) and "prompt" in first:
@@ -467,6 +492,8 @@ def summary_kind(summary: Mapping[str, Any] | None) -> str | None:
         return "edit"
     if "n_configs" in summary:
         return "ablation"
+    if "n_experiments" in summary and "n_finished" in summary:
+        return "sweep"
     if "p_clean" in summary and "peak_layers" in summary:
         return "trace"
     if "n_prompts" in summary and "scorer" in summary:
