@@ -1139,18 +1139,24 @@ def serve(
     model: ModelOpt = DEFAULT_MODEL,
     prompts: PromptsOpt = "builtin",
     scorer: ScorerOpt = DEFAULT_SCORER,
-    host: Annotated[str, typer.Option("--host")] = "localhost",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; one other than loopback needs --allow-remote.")
+    ] = "localhost",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote",
+            help="Allow a --host other machines can reach (there is no authentication: prefer an SSH port-forward).",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the app in a browser (needs the optional 'serve' extra: textual-serve)."""
+    """Serve the app in a browser (needs the optional 'serve' extra: textual-serve); loopback only by default."""
     import shlex
 
-    try:
-        from textual_serve.server import Server
-    except ImportError as exc:
-        raise UserError(
-            "Serving in a browser needs the optional extra: pip install 'detox-tui[serve]'."
-        ) from exc
+    from detox_tui.serving import check_bind, make_server
+
+    warning = check_bind(host, allow_remote)
     command = " ".join(
         shlex.quote(x)
         for x in [
@@ -1165,7 +1171,11 @@ def serve(
             scorer,
         ]
     )
-    Server(command, host=host, port=port).serve()
+    server = make_server(command, host=host, port=port)
+    if warning:
+        sys.stderr.write(warning + "\n")  # one line, never wrapped
+        sys.stderr.flush()
+    server.serve()
 
 
 @app.command()
