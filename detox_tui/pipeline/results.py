@@ -445,8 +445,9 @@ def summary_path(path: str | os.PathLike) -> Path:
 def export_file_name(stem: str, fmt: str) -> str:
     """A default export file name ``<stem>.<fmt>`` built from names the user did not type (a run id, a kind).
 
-    Only letters, digits, ``.``, ``_`` and ``-`` are kept (anything else becomes ``_``) and a leading dot is
-    dropped, so the name is one plain file in the current folder: never a path elsewhere, a hidden file or an option.
+    Only letters, digits, ``.``, ``_`` and ``-`` are kept (anything else becomes ``_``) and leading dots and dashes
+    are dropped, so the name is one plain file in the current folder: never a path elsewhere, a hidden file or an
+    option.
     """
     safe = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in stem)
     safe = safe.lstrip(".-")[:120] or "export"
