@@ -853,19 +853,22 @@ def trace(
 
 
 def _write_trace(path: Path, data: dict[str, Any]) -> None:
+    """The heatmap as .json or .csv, written atomically (a temporary file renamed over the target)."""
     import csv
+    import io
 
-    try:
-        if path.suffix.lower() == ".json":
-            path.write_text(json.dumps(_jsonable(data), indent=2), encoding="utf-8")
-            return
-        with path.open("w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["layer"] + [f"{i}:{t}" for i, t in enumerate(data["tokens"])])
-            for layer, row in enumerate(data["scores"]):
-                w.writerow([layer] + [f"{v:.6f}" for v in row])
-    except OSError as exc:
-        raise UserError(f"Cannot write '{path}': {exc.strerror or exc}.") from exc
+    from detox_tui.pipeline.results import write_text_atomic
+
+    if path.suffix.lower() == ".json":
+        text = json.dumps(_jsonable(data), indent=2)
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["layer"] + [f"{i}:{t}" for i, t in enumerate(data["tokens"])])
+        for layer, row in enumerate(data["scores"]):
+            w.writerow([layer] + [f"{v:.6f}" for v in row])
+        text = buf.getvalue()
+    write_text_atomic(path, text)
 
 
 @app.command()
@@ -943,8 +946,8 @@ def apply_delta(
     from detox_tui.pipeline.generation import generate_continuations
 
     d = EditDelta.load(delta)
-    if save_model is not None and save_model.exists() and any(save_model.iterdir()):
-        raise UserError(f"'{save_model}' exists and is not empty; choose a new folder for --save-model.")
+    if save_model is not None:
+        _check_model_folder(save_model)
     lm = load_model(model, device=device, dtype=dtype)
     if d.model_name not in (model, "?") and Path(d.model_name).name != Path(model).name:
         err.print(f"[yellow]note: the delta was computed on '{d.model_name}', applying it to '{model}'[/]")
@@ -956,12 +959,42 @@ def apply_delta(
         console.print(f"[bold]{p}[/]\n  before: {b.greedy!r}\n  after:  {a.greedy!r}")
     console.print(f"applied {d.method} edit on layers {d.layers} ({len(d.deltas)} tensors)")
     if save_model is not None:
-        try:
-            lm.model.save_pretrained(save_model)
-            lm.tokenizer.save_pretrained(save_model)
-        except OSError as exc:
-            raise UserError(f"Cannot save the model to '{save_model}': {exc.strerror or exc}.") from exc
-        console.print(f"saved edited model to {save_model}")
+        _save_model_atomic(lm, save_model)
+        console.print(f"saved edited model to {save_model}", markup=False, highlight=False)
+
+
+def _check_model_folder(folder: Path) -> None:
+    """--save-model names a new or empty folder (checked before the model loads)."""
+    folder = folder.expanduser()
+    if folder.is_dir():
+        if any(folder.iterdir()):
+            raise UserError(f"'{folder}' exists and is not empty; choose a new folder for --save-model.")
+    elif folder.exists():
+        raise UserError(f"'{folder}' is a file; choose a new folder for --save-model.")
+
+
+def _save_model_atomic(lm: Any, folder: Path) -> None:
+    """Save the model and tokenizer into a temporary folder beside ``folder``, then rename it into place: an
+    interrupted or failed save leaves no half-written model folder. The folder's mode follows the umask."""
+    import secrets
+    import shutil
+
+    folder = folder.expanduser()
+    _check_model_folder(folder)
+    tmp = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(0o777)  # the umask applies, as for any new folder
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        if folder.is_dir():
+            folder.rmdir()  # empty (checked): the rename takes its place
+        os.replace(tmp, folder)
+    except OSError as exc:
+        raise UserError(f"Cannot save the model to '{folder}': {exc.strerror or exc}.") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @runs_app.command("list")
@@ -976,7 +1009,7 @@ def runs_list(
 
     from detox_tui.pipeline.store import RunStore
 
-    store = RunStore.open(str(data_dir) if data_dir else None)
+    store = RunStore.open(str(data_dir) if data_dir else None, read_only=True)
     runs = store.list_runs(limit=limit)
     if as_json:
         _print_json({"runs": runs})
@@ -1021,7 +1054,7 @@ def runs_show(
     )
     from detox_tui.pipeline.store import RunStore
 
-    store = RunStore.open(str(data_dir) if data_dir else None)
+    store = RunStore.open(str(data_dir) if data_dir else None, read_only=True)
     run = store.get_run(run_id)
     rid = run["id"]
     if as_json:
@@ -1057,10 +1090,18 @@ def runs_show(
 
 
 def _export_run(
-    run_id: str, fmt: str | None, path: Path | None, data_dir: Path | None, columns: str = "default"
+    run_id: str,
+    fmt: str | None,
+    path: Path | None,
+    data_dir: Path | None,
+    columns: str = "default",
+    force: bool = False,
 ) -> None:
-    """Export a stored run; the format is --format, else --out's extension, else csv (checked before the store opens)."""
-    from detox_tui.pipeline.results import FORMATS, suffix_format
+    """Export a stored run; the format is --format, else --out's extension, else csv (checked before the store opens).
+
+    The store is only read (a read-only or full disk still exports elsewhere); an existing file is replaced only
+    with --force; the default file name is the run id's, in the current folder."""
+    from detox_tui.pipeline.results import FORMATS, FileExists, export_file_name, suffix_format
     from detox_tui.pipeline.store import RunStore
     from detox_tui.pipeline.tables import COLUMN_CHOICES
 
@@ -1082,11 +1123,16 @@ def _export_run(
             )
         fmt = fmt or named
     fmt = fmt or "csv"
-    store = RunStore.open(str(data_dir) if data_dir else None)
+    store = RunStore.open(str(data_dir) if data_dir else None, read_only=True)
     run = store.get_run(run_id)
-    target = path or Path(f"{run['id']}.{fmt}")
-    for written in store.export_files(run["id"], target, fmt, columns=columns):
-        err.print(f"wrote {written}")
+    target = path or Path(export_file_name(run["id"], fmt))
+    try:
+        # Every file (the table, a CSV's summary) is checked before any is written.
+        written = store.export_files(run["id"], target, fmt, columns=columns, overwrite=force)
+    except FileExists as exc:
+        raise UserError(f"'{exc.path}' already exists; pass --force to replace it.") from exc
+    for path_written in written:
+        err.print(f"wrote {path_written}", markup=False, highlight=False)
 
 
 FormatOpt = Annotated[
@@ -1106,6 +1152,11 @@ ColumnsOpt = Annotated[
 ]
 
 
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output file (and its .summary.csv).")
+]
+
+
 @runs_app.command("export")
 def runs_export(
     run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).")],
@@ -1114,10 +1165,11 @@ def runs_export(
         Path | None, typer.Option("--out", "-o", help="Output file (default: <run id>.<format>).")
     ] = None,
     columns: ColumnsOpt = "default",
+    force: ForceOpt = False,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Export a run's result table with its summary (csv, json, md, tex) or its generations (jsonl)."""
-    _export_run(run_id, fmt, out_path, data_dir, columns)
+    _export_run(run_id, fmt, out_path, data_dir, columns, force)
 
 
 @app.command("export")
@@ -1128,10 +1180,11 @@ def export_cmd(
         Path | None, typer.Option("--out", "-o", help="Output file (default: <run id>.<format>).")
     ] = None,
     columns: ColumnsOpt = "default",
+    force: ForceOpt = False,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Same as `runs export`."""
-    _export_run(run_id, fmt, out_path, data_dir, columns)
+    _export_run(run_id, fmt, out_path, data_dir, columns, force)
 
 
 @app.command()
@@ -1139,18 +1192,24 @@ def serve(
     model: ModelOpt = DEFAULT_MODEL,
     prompts: PromptsOpt = "builtin",
     scorer: ScorerOpt = DEFAULT_SCORER,
-    host: Annotated[str, typer.Option("--host")] = "localhost",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; one other than loopback needs --allow-remote.")
+    ] = "localhost",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote",
+            help="Allow a --host other machines can reach (there is no authentication: prefer an SSH port-forward).",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the app in a browser (needs the optional 'serve' extra: textual-serve)."""
+    """Serve the app in a browser (needs the optional 'serve' extra: textual-serve); loopback only by default."""
     import shlex
 
-    try:
-        from textual_serve.server import Server
-    except ImportError as exc:
-        raise UserError(
-            "Serving in a browser needs the optional extra: pip install 'detox-tui[serve]'."
-        ) from exc
+    from detox_tui.serving import check_bind, make_server
+
+    warning = check_bind(host, allow_remote)
     command = " ".join(
         shlex.quote(x)
         for x in [
@@ -1165,7 +1224,11 @@ def serve(
             scorer,
         ]
     )
-    Server(command, host=host, port=port).serve()
+    server = make_server(command, host=host, port=port)
+    if warning:
+        sys.stderr.write(warning + "\n")  # one line, never wrapped
+        sys.stderr.flush()
+    server.serve()
 
 
 @app.command()

@@ -442,6 +442,18 @@ def summary_path(path: str | os.PathLike) -> Path:
     return p.with_name(f"{stem}.summary.csv")
 
 
+def export_file_name(stem: str, fmt: str) -> str:
+    """A default export file name ``<stem>.<fmt>`` built from names the user did not type (a run id, a kind).
+
+    Only letters, digits, ``.``, ``_`` and ``-`` are kept (anything else becomes ``_``) and leading dots and dashes
+    are dropped, so the name is one plain file in the current folder: never a path elsewhere, a hidden file or an
+    option.
+    """
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in stem)
+    safe = safe.lstrip(".-")[:120] or "export"
+    return f"{safe}.{check_format(fmt)}"
+
+
 def _csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -504,9 +516,17 @@ def render_files(
 # ------------------------------------------------------------------------------------------ writing
 
 
+class FileExists(UserError):
+    """A file to write exists and overwriting was not allowed; ``path`` names it (a front end says how to allow it)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"Cannot write '{path}': the file already exists.")
+        self.path = path
+
+
 def _check_target(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
-        raise UserError(f"Cannot write '{target}': the file already exists.")
+        raise FileExists(target)
     if target.is_dir():
         raise UserError(f"Cannot write '{target}': it is a folder.")
     if not target.parent.is_dir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -93,6 +94,16 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+# The only run ids create_run writes: "20261122-213501-3f2a". Anything else in a store was put there by hand (or by an
+# attacker: an id is a default export file name) and is refused when read.
+RUN_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{4}")
+
+
+def is_run_id(value: object) -> bool:
+    """Whether ``value`` has the form of a run id this store writes (date-time-4 hex digits)."""
+    return isinstance(value, str) and RUN_ID.fullmatch(value) is not None
+
+
 class RunStore:
     """The run store in one SQLite file (WAL mode), safe to use from worker threads.
 
@@ -100,11 +111,25 @@ class RunStore:
     when it crashes or is cancelled, and a second RunStore on the same file sees it at once.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = False) -> None:
+        """Open (and create, with its schema) the store at ``path``; ``read_only`` writes nothing at all.
+
+        A read-only store is opened with SQLite's ``mode=ro``, so listing and exporting work on a read-only file or
+        folder and on a full disk. A missing store reads as an empty one (and is not created). When the folder is
+        read-only and no write-ahead log is left beside the file, SQLite cannot set up WAL reading, so the file is
+        read as ``immutable`` (it holds every committed run then); a leftover log that cannot be read is one
+        UserError.
+        """
         self.path = Path(path).expanduser()
+        self.read_only = read_only
         self._lock = (
             threading.Lock()
         )  # serialises this object's writes; SQLite's own locking covers processes
+        self._immutable = False  # read-only: opened as immutable (see __init__)
+        self._empty = False  # read-only: no store file yet, reads see no runs
+        if read_only:
+            self._check_read_only()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -114,16 +139,82 @@ class RunStore:
         self._init_schema()
 
     @classmethod
-    def open(cls, data_dir: str | None = None) -> RunStore:
+    def open(cls, data_dir: str | None = None, *, read_only: bool = False) -> RunStore:
         """The store under --data-dir, DETOX_TUI_HOME or the platform data dir (``runs.sqlite``)."""
-        return cls(Paths.resolve(data_dir).store_path)
+        return cls(Paths.resolve(data_dir).store_path, read_only=read_only)
 
     # ------------------------------------------------------------------------------------ connections
+
+    def _read_only_uri(self) -> str:
+        uri = f"{self.path.absolute().as_uri()}?mode=ro"
+        return uri + "&immutable=1" if self._immutable else uri
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if not self.read_only:
+            return sqlite3.connect(self.path, timeout=30.0)
+        if self._empty:
+            conn = sqlite3.connect(":memory:")
+            conn.executescript(_SCHEMA)
+            return conn
+        return sqlite3.connect(self._read_only_uri(), uri=True, timeout=30.0)
+
+    def _check_read_only(self) -> None:
+        """Find how this store can be read without writing, and that it is a run store this version reads."""
+        try:
+            if not self.path.exists():
+                self._empty = True
+                return
+            if self.path.is_dir():
+                raise UserError(f"The run store '{self.path}' is a folder, not a SQLite file.")
+        except OSError as exc:
+            raise UserError(f"Cannot read the run store '{self.path}': {exc.strerror or exc}.") from exc
+        while True:
+            try:
+                conn = sqlite3.connect(self._read_only_uri(), uri=True, timeout=30.0)
+                try:
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    tables = {
+                        r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                    }
+                finally:
+                    conn.close()
+                break
+            except sqlite3.OperationalError as exc:
+                # WAL reading needs the -shm file, created beside the database; without a writable folder that
+                # fails. With no log left, the database file alone is the whole store: read it as immutable.
+                if not self._immutable and not self._wal_pending():
+                    self._immutable = True
+                    continue
+                raise UserError(
+                    f"Cannot read the run store '{self.path}' without writing to it: {exc}."
+                ) from exc
+            except sqlite3.DatabaseError as exc:
+                raise UserError(
+                    f"The run store '{self.path}' is not a readable SQLite database ({exc})."
+                ) from exc
+        if version > SCHEMA_VERSION:
+            raise UserError(
+                f"The run store '{self.path}' has schema version {version}, newer than this detox-tui "
+                f"understands ({SCHEMA_VERSION}); upgrade detox-tui or use another --data-dir."
+            )
+        if "runs" not in tables:
+            if tables:
+                raise UserError(f"'{self.path}' is a SQLite database but not a detox-tui run store.")
+            self._empty = True  # created but never written: no runs
+
+    def _wal_pending(self) -> bool:
+        """Whether a write-ahead log with content is left beside the store (its commits are not in the file yet)."""
+        try:
+            return Path(f"{self.path}-wal").stat().st_size > 0
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            conn = sqlite3.connect(self.path, timeout=30.0)
+            conn = self._open_connection()
         except sqlite3.Error as exc:
             raise UserError(f"Cannot open the run store '{self.path}': {exc}.") from exc
         try:
@@ -135,6 +226,8 @@ class RunStore:
                 raise UserError(
                     f"The run store '{self.path}' is not a readable SQLite database ({exc})."
                 ) from exc
+            if self.read_only:  # listing and exporting fail in one sentence, whatever SQLite says
+                raise UserError(f"Cannot read the run store '{self.path}': {exc}.") from exc
             raise
         finally:
             conn.close()
@@ -142,9 +235,20 @@ class RunStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A connection whose statements commit together when the block ends (rolled back on error)."""
+        if self.read_only:
+            raise RuntimeError("this RunStore was opened read-only")
         with self._lock, self._connect() as conn:
             with conn:
                 yield conn
+
+    def _checked_id(self, run_id: str) -> str:
+        """``run_id`` read from the store, refused unless it is an id create_run writes."""
+        if not is_run_id(run_id):
+            raise UserError(
+                f"The run store '{self.path}' holds a run id that detox-tui never writes ({str(run_id)[:80]!r}); "
+                "refusing to read a crafted or damaged store."
+            )
+        return run_id
 
     def _init_schema(self) -> None:
         with self._write() as conn:
@@ -285,7 +389,7 @@ class RunStore:
         """The full id of a run given its id or a unique prefix of it."""
         with self._connect() as conn:
             if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
-                return run_id
+                return self._checked_id(run_id)
             pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             found = [
                 r[0]
@@ -300,7 +404,7 @@ class RunStore:
             raise UserError(
                 f"The run id prefix '{run_id}' matches several runs ({shown}); give more of the id."
             )
-        return found[0]
+        return self._checked_id(found[0])
 
     def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest runs first: id, kind, model, status, created, updated, n_prompts, n_rows (result rows stored),
@@ -319,7 +423,7 @@ class RunStore:
             summary = _loads(r["summary"]) or {}
             out.append(
                 {
-                    "id": r["id"],
+                    "id": self._checked_id(r["id"]),
                     "kind": r["kind"],
                     "model": r["model"],
                     "status": r["status"],
@@ -360,7 +464,7 @@ class RunStore:
         if r is None:  # deleted between the two queries
             raise UserError(f"No run with id '{run_id}' in {self.path}.")
         return {
-            "id": r["id"],
+            "id": self._checked_id(r["id"]),
             "kind": r["kind"],
             "model": r["model"],
             "status": r["status"],
@@ -544,24 +648,37 @@ class RunStore:
     # ------------------------------------------------------------------------------------ export
 
     def export(
-        self, run_id: str, path: str | os.PathLike, fmt: str | None = None, *, columns: str = "default"
+        self,
+        run_id: str,
+        path: str | os.PathLike,
+        fmt: str | None = None,
+        *,
+        columns: str = "default",
+        overwrite: bool = True,
     ) -> Path:
         """Export a run (see ``export_files``) and return the main file's path."""
-        return self.export_files(run_id, path, fmt, columns=columns)[0]
+        return self.export_files(run_id, path, fmt, columns=columns, overwrite=overwrite)[0]
 
     def export_files(
-        self, run_id: str, path: str | os.PathLike, fmt: str | None = None, *, columns: str = "default"
+        self,
+        run_id: str,
+        path: str | os.PathLike,
+        fmt: str | None = None,
+        *,
+        columns: str = "default",
+        overwrite: bool = True,
     ) -> list[Path]:
         """Export a run: csv/md/tex = its main result table and its summary (csv: a ``.summary.csv`` sidecar),
         json = every table with the run's metadata and a top-level ``summary``, jsonl = one generation per line
-        with its scores. ``fmt`` None: from the file's extension. Returns every file written."""
+        with its scores. ``fmt`` None: from the file's extension. ``overwrite`` False: a UserError, and nothing
+        written, when a file to write exists. Returns every file written."""
         fmt = resolve_format(path, fmt)
         check_columns(columns)
         run = self.get_run(run_id)
         rid = run["id"]
         if fmt == "jsonl":
             lines = [_dumps({"run_id": rid, **g}) + "\n" for g in self.generations(rid)]
-            return [write_text_atomic(path, "".join(lines))]
+            return [write_text_atomic(path, "".join(lines), overwrite=overwrite)]
         tables = self.tables(rid)
         main = run["kind"] if run["kind"] in tables else (tables[0] if tables else None)
         rows = self.rows(rid, main) if main else []
@@ -577,4 +694,4 @@ class RunStore:
             "summary": run["summary"],
             "other_tables": {t: self.rows(rid, t) for t in tables if t != main},
         }
-        return export_files(rows, path, fmt, meta=meta, columns=columns, kind=main)
+        return export_files(rows, path, fmt, meta=meta, columns=columns, kind=main, overwrite=overwrite)

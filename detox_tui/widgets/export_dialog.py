@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -12,7 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
-from detox_tui.pipeline.results import FORMATS, suffix_format
+from detox_tui.pipeline.results import FORMATS, suffix_format, summary_path
 from detox_tui.pipeline.tables import COLUMN_CHOICES
 
 COLUMN_LABELS = {"default": "for readers", "all": "every field"}
@@ -31,6 +32,11 @@ def with_format(path: str, fmt: str) -> str:
     if p.suffix.lstrip(".").lower() in FORMATS or not p.suffix:
         return str(p.with_suffix("." + fmt)) if p.name else path
     return path
+
+
+def files_written(target: Path, fmt: str) -> list[Path]:
+    """The files an export to ``target`` may write: the table, and for CSV its ``.summary.csv`` sidecar."""
+    return [target, summary_path(target)] if fmt == "csv" else [target]
 
 
 def clash(path: str, fmt: str) -> str | None:
@@ -114,16 +120,19 @@ class ExportDialog(ModalScreen[ExportRequest | None]):
             return
         problem = clash(path, fmt)
         if problem:
-            warning.update(problem)
-            self.notify(problem, severity="error")
+            warning.update(Text(problem))
+            self.notify(problem, severity="error", markup=False)
             return
         target = Path(path).expanduser()
         if target.is_dir():
-            warning.update(f"{target} is a folder; type a file name.")
+            warning.update(Text(f"{target} is a folder; type a file name."))
             return
-        if target.exists() and self._confirm_for != str(target):
+        existing = [p for p in files_written(target, fmt) if p.exists()]
+        if existing and self._confirm_for != str(target):
             self._confirm_for = str(target)
-            warning.update(f"{target.name} exists: press Enter (or Overwrite) again to replace it.")
+            names = " and ".join(p.name for p in existing)
+            verb = "exist" if len(existing) > 1 else "exists"
+            warning.update(Text(f"{names} {verb}: press Enter (or Overwrite) again to replace it."))
             self.query_one("#export-ok", Button).label = "Overwrite"
             return
         self.dismiss(ExportRequest(str(target), fmt, columns))
