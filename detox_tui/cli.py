@@ -1079,6 +1079,12 @@ def runs_show(
     if run["kind"] == "stats":
         console.print(stats_table(store.rows(rid, "stats"), run.get("summary") or {}))
         return
+    if run["kind"] == "sweep":
+        from detox_tui.console_sweep import sweep_summary_line, sweep_table
+
+        console.print(sweep_table(store.rows(rid, "sweep")))
+        console.print(sweep_summary_line(rid, run.get("summary") or {}))
+        return
     if run["kind"] == "baseline":
         console.print(baseline_table(store.rows(rid, "baseline"), run["config"]["scoring"]["threshold"]))
     elif run["kind"] == "edit":
@@ -1360,7 +1366,7 @@ def sweep(
     threads: ThreadsOpt = None,
 ) -> None:
     """Run a grid of edit experiments (models x methods x layers x hyperparameters), each from the original weights."""
-    from detox_tui.console_sweep import SweepProgress, experiments_table, sweep_table
+    from detox_tui.console_sweep import SweepProgress, experiments_table, sweep_summary_line, sweep_table
     from detox_tui.pipeline.store import RunStore
     from detox_tui.pipeline.sweep import LocalBackend, grid_of_run, load_grid, run_sweep
     from detox_tui.pipeline.sweep import experiments_table as expanded
@@ -1384,7 +1390,7 @@ def sweep(
         err.print(experiments_table(expanded(plan)))
     if dry_run:
         if as_json:
-            _print_json({"experiments": expanded(plan)})
+            _print_json({"experiments": [e.to_dict() for e in plan.experiments]})
         return
     _before_model_work(threads)
     dd = str(data_dir) if data_dir else None
@@ -1421,18 +1427,7 @@ def sweep(
         _print_json({"run_id": run_id, "experiments": rows, "summary": summary})
         return
     console.print(sweep_table(rows))
-    best = summary.get("best")
-    tail = (
-        f"best {best} ({100 * summary['best_share_detoxified']:.1f}% detoxified)"
-        if best
-        else "no experiment detoxified any prompt"
-    )
-    console.print(
-        f"sweep {run_id}: {summary['n_finished']} of {summary['n_experiments']} finished, {summary['n_failed']} failed; "
-        + tail,
-        markup=False,
-        highlight=False,
-    )
+    console.print(sweep_summary_line(run_id, summary))
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -78,6 +78,23 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def sweep_summary_line(run_id: str, summary: dict[str, Any]) -> Text:
+    """'sweep <id>: 4 of 4 finished, 0 failed; best <label> (100.0% detoxified)'."""
+    if not summary:
+        return Text(f"sweep {run_id}: not finished (detox-tui sweep --resume {run_id} runs the rest)")
+    best = summary.get("best")
+    share = summary.get("best_share_detoxified")
+    tail = (
+        f"best {best} ({100 * share:.1f}% detoxified)"
+        if best and share is not None
+        else ("no experiment detoxified any prompt")
+    )
+    return Text(
+        f"sweep {run_id}: {summary.get('n_finished', 0)} of {summary.get('n_experiments', 0)} finished, "
+        f"{summary.get('n_failed', 0)} failed; {tail}"
+    )
+
+
 class SweepProgress:
     """A Rich progress bar over the experiments, the running ones named beside it, a line per finished one."""
 

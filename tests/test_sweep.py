@@ -298,6 +298,10 @@ def test_cli_dry_run_shows_the_experiments_and_stores_nothing(grid_file, tmp_pat
     rc = main(["sweep", str(grid_file), "--dry-run", "--json", "--data-dir", str(tmp_path / "h")])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and [e["id"] for e in out["experiments"]] == ["e000", "e001", "e002", "e003"]
+    assert (
+        out["experiments"][2]["layers"] == [2]
+        and out["experiments"][1]["hparams"]["clamp_norm_factor"] == 2.0
+    )
     assert RunStore(tmp_path / "h" / "runs.sqlite").list_runs() == []
 
 
