@@ -31,6 +31,13 @@ class _RayWorker(SweepWorker):
         return prepared.errors, prepared.shared
 
 
+def _lost(ray) -> tuple[type, ...]:
+    """Ray's errors for a worker that went away (killed, crashed, out of memory, its node lost), not a failed call."""
+    ex = ray.exceptions
+    names = ("RayActorError", "OutOfMemoryError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError")
+    return tuple(getattr(ex, n) for n in names if hasattr(ex, n))
+
+
 def _ray():
     try:
         import ray
@@ -155,7 +162,7 @@ class RayBackend:
             try:
                 errors = self._get(errors_ref)
                 return Prepared(shared_ref, errors)
-            except ray.exceptions.RayActorError as exc:
+            except _lost(ray) as exc:
                 last = exc
                 self._replace(name)
             except ray.exceptions.RayTaskError as exc:
@@ -199,7 +206,7 @@ class RayBackend:
                 exp, name = inflight.pop(ref)
                 try:
                     out = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
+                except _lost(ray) as exc:
                     idle.append(self._replace(name))
                     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     if attempts[exp.id] < MAX_ATTEMPTS:
