@@ -34,7 +34,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("worker", "worker"),
     ("attempts", "tries"),
     ("elapsed", "elapsed"),
-    ("result", "detoxified [95% CI]"),
+    ("result", "detoxified"),  # the share with its 95% CI, as the summary strip shows it
     ("after", "after mean"),
     ("error", "error"),
 )
@@ -50,7 +50,7 @@ DROP = {
     "after": (2, 0),
     "elapsed": (2, 1),
 }
-FLEXIBLE = {"label": (12, 24, 48), "error": (8, 16, 60)}  # column: (minimum, comfortable, most)
+FLEXIBLE = {"label": (20, 28, 48), "error": (8, 16, 60)}  # column: (minimum, comfortable, most)
 
 
 def _number(value: Any) -> float | None:
@@ -158,9 +158,11 @@ def sweep_summary(run: dict[str, Any] | None, rows: list[dict[str, Any]]) -> Tex
     ]
     if finished:
         best = max(finished, key=lambda r: _number(r.get("share_detoxified")) or 0.0)
-        text.append(
-            f" · best {_pct(best.get('share_detoxified'))} detoxified: {visible(str(best.get('label') or ''))}"
-        )
+        if _number(best.get("share_detoxified")):
+            label = visible(str(best.get("label") or ""))
+            text.append(f" · best {_pct(best.get('share_detoxified'))} detoxified: {label}")
+        else:
+            text.append(" · none detoxified" + (" yet" if status == "running" else ""))
     if status in ("failed", "cancelled") and run.get("error"):
         text.append(f" · {visible(str(run['error']))}", style="red")
     return text
@@ -180,7 +182,7 @@ class SweepsView(SortableTable, DataTable):
     """
 
     BINDINGS = [
-        Binding("enter", "open_experiment", "Open run", show=False),
+        Binding("enter", "open_experiment", "Open the experiment's run", show=False),
         *SORT_BINDINGS,
     ]
 
