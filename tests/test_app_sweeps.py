@@ -20,6 +20,7 @@ from detox_tui.config import (
 )
 from detox_tui.pipeline.store import RunStore
 from detox_tui.widgets.ablation_chart import AblationChart
+from detox_tui.widgets.help_screen import HelpScreen
 from detox_tui.widgets.results_table import ResultsTable
 from detox_tui.widgets.runs_browser import RunsBrowser
 from detox_tui.widgets.sweeps_view import SweepsView
@@ -256,6 +257,13 @@ async def test_a_sweep_opened_from_the_runs_tab_stays_chosen_and_fills_the_ablat
         )
         await pilot.pause(0.5)
         assert view.run_id == older and app.sweep["id"] == older and app.sweep["chosen"]
+
+        # The help screen lists the Sweeps tab's own keys.
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        title, keys = app.screen.sections[0]
+        assert title == "Sweeps tab" and ("⏎", "Open the experiment's run") in keys, keys
+        await pilot.press("escape")
 
         # x on the Sweeps tab exports the sweep's table under its run id.
         kind, exported = app._export_rows()
