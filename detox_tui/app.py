@@ -27,7 +27,7 @@ from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import Header, Input, Label, TabbedContent, TabPane
+from textual.widgets import Header, Input, Label, Static, TabbedContent, TabPane
 
 from detox_tui.commands import APP_NAMES, COMMANDS, TAB_FOCUS, TABS, WIDGET_COMMANDS
 from detox_tui.config import (
@@ -71,6 +71,7 @@ from detox_tui.widgets.score_bars import ScoreBars
 from detox_tui.widgets.settings_dialog import Settings, SettingsDialog, settings_changes
 from detox_tui.widgets.status_bar import StatusBar
 from detox_tui.widgets.summary_strip import SummaryStrip, summary_text
+from detox_tui.widgets.sweeps_view import SweepsView, sweep_summary
 from detox_tui.widgets.trace_panel import TracePanel
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,23 @@ SCORER_SUGGESTIONS = (
 
 
 def view_of(kind: str) -> str:
-    """The view a run of ``kind`` fills: "ablation" and "trace" have their own tabs, the rest the Results tab."""
-    return kind if kind in ("ablation", "trace") else "results"
+    """The view a run of ``kind`` (or a tab) fills: "ablation", "trace" and "sweeps" have their own tabs, the rest
+    the Results tab."""
+    return kind if kind in ("ablation", "trace", "sweeps") else "results"
+
+
+class SweepRead(Message):
+    """The store poll re-read the sweep the Sweeps tab shows: its run dict and its "sweep" rows (or an error)."""
+
+    def __init__(
+        self,
+        run_id: str,
+        run: dict[str, Any] | None = None,
+        rows: list[dict[str, Any]] | None = None,
+        error: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.run_id, self.run, self.rows, self.error = run_id, run, rows or [], error
 
 
 def _bindings() -> list[Binding]:
@@ -177,6 +193,11 @@ class DetoxApp(App[None]):
         self.followed: dict[str, Any] | None = None  # a stored run being followed: {"id", "n_rows", "status"}
         self._runs_signature: Any = None
         self._polling = False
+        # The sweep the Sweeps tab shows: {"id", "status" (as last read; None: not read yet), "listed" (its status in
+        # the runs list), "chosen" (opened by the user, else the newest sweep in the store)}; re-read at every
+        # store poll while it runs or while the runs list says its status changed.
+        self.sweep: dict[str, Any] | None = None
+        self._sweep_polling = False
         self._form_ready = False  # the method form and layer picker were set up for the loaded model
 
     @property
@@ -216,6 +237,12 @@ class DetoxApp(App[None]):
                     "enter open (follows a running run)  space mark  c compare  s sort", classes="dim"
                 )
                 yield RunsBrowser(id="runs-browser")
+            with TabPane("Sweeps", id="sweeps"):
+                yield Static(sweep_summary(None, []), id="sweep-summary")
+                yield Label(
+                    "enter open the experiment's run  s sort  (a running sweep is followed)", classes="dim"
+                )
+                yield SweepsView(id="sweeps-view")
             with TabPane("Log", id="log"):
                 yield RunLog(id="run-log")
         yield StatusBar(id="status-bar")
@@ -928,7 +955,11 @@ class DetoxApp(App[None]):
     # ------------------------------------------------------------------ the run store: list, follow, open
 
     def _poll_store(self) -> None:
-        if self.workbench is None or self._polling:
+        if self.workbench is None:
+            return
+        if self._sweep_due():
+            self._read_sweep()
+        if self._polling:
             return
         self._polling = True
         self.store_worker(
@@ -952,6 +983,7 @@ class DetoxApp(App[None]):
         if message.runs is not None:
             self._runs_signature = runs_signature(message.runs)
             self._q(RunsBrowser).set_runs(message.runs)
+            self._sweeps_listed(message.runs)
         if message.memory is not None or self.running:
             self._status().set_memory(message.memory)
         if message.followed is not None and self.followed and message.followed["id"] == self.followed["id"]:
@@ -972,7 +1004,12 @@ class DetoxApp(App[None]):
         self.action_reload_runs()
 
     @on(RunsBrowser.Open)
-    def _open_run(self, event: RunsBrowser.Open) -> None:
+    @on(SweepsView.OpenRun)
+    def _open_run(self, event: RunsBrowser.Open | SweepsView.OpenRun) -> None:
+        # A sweep opens in the Sweeps tab, so a running job keeps its views.
+        if getattr(event, "kind", None) == "sweep":
+            self.open_run_worker(self.workbench, event.run_id)
+            return
         if self.running:
             self.notify(
                 f"A {self.running} is running and its results are on screen; open runs when it ends.",
@@ -991,6 +1028,9 @@ class DetoxApp(App[None]):
     @on(RunOpened)
     def _run_opened(self, message: RunOpened) -> None:
         run = message.run
+        if run["kind"] == "sweep":
+            self._show_sweep(run, message.rows.get("sweep", []), opened=True)
+            return
         if self.running:
             return
         self._show_run(run, message.rows, trace=message.trace)
@@ -1049,6 +1089,104 @@ class DetoxApp(App[None]):
             strip.ended(kind, status, run.get("error") or "")
         if not quiet:
             self.action_show_tab("ablation" if kind == "ablation" else "results")
+
+    # ------------------------------------------------------------------ sweeps (written by `detox-tui sweep`)
+
+    def _sweeps_listed(self, runs: list[dict[str, Any]]) -> None:
+        """Show the newest sweep unless the user opened one; re-read the shown sweep when its status changed."""
+        sweeps = [r for r in runs if r.get("kind") == "sweep"]  # newest first
+        shown = self.sweep
+        if sweeps and (shown is None or (not shown["chosen"] and sweeps[0]["id"] != shown["id"])):
+            newest = sweeps[0]
+            self.sweep = {"id": newest["id"], "status": None, "listed": newest["status"], "chosen": False}
+        elif shown is not None:
+            listed = next((r for r in sweeps if r["id"] == shown["id"]), None)
+            if listed is not None:
+                shown["listed"] = listed["status"]  # a change (finished, resumed) makes it due for a read
+        if self._sweep_due():
+            self._read_sweep()
+
+    def _sweep_due(self) -> bool:
+        """The shown sweep needs a read: not read yet, running, or its listed status differs from the one read."""
+        shown = self.sweep
+        if shown is None:
+            return False
+        return shown["status"] in (None, "running") or shown["listed"] not in (None, shown["status"])
+
+    def _read_sweep(self) -> None:
+        if self.workbench is None or self.sweep is None or self._sweep_polling:
+            return
+        self._sweep_polling = True
+        self.sweep_worker(self.workbench, self.sweep["id"])
+
+    @work(thread=True, exclusive=True, group="sweep", exit_on_error=False)
+    def sweep_worker(self, wb: Any, run_id: str) -> None:
+        """Read a sweep and all its rows: a row's state changes without the row count changing."""
+        try:
+            run = wb.store.get_run(run_id)
+            rows = wb.store.rows(run["id"], "sweep")
+        except UserError as exc:
+            self.post_message(SweepRead(run_id, error=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a store read failing must not end the app
+            log.exception("reading sweep %s failed", run_id)
+            self.post_message(SweepRead(run_id, error=f"Reading sweep {run_id} failed: {exc}"))
+        else:
+            self.post_message(SweepRead(run_id, run, rows))
+
+    @on(SweepRead)
+    def _sweep_read(self, message: SweepRead) -> None:
+        self._sweep_polling = False
+        if self.sweep is None or message.run_id != self.sweep["id"]:
+            return  # another sweep was opened meanwhile
+        if message.run is None:
+            # No more reads until the runs list shows its status change.
+            self.sweep["status"] = self.sweep["listed"] = "unreadable"
+            self._error(message.error or f"Sweep {message.run_id} could not be read.")
+            return
+        self._show_sweep(message.run, message.rows)
+
+    def _show_sweep(self, run: dict[str, Any], rows: list[dict[str, Any]], opened: bool = False) -> None:
+        """Fill the Sweeps tab (and the Ablation tab's bars, see _sweep_to_chart) from a stored sweep."""
+        shown = self.sweep if self.sweep is not None and self.sweep["id"] == run["id"] else None
+        was_running = shown is not None and shown["status"] == "running"
+        status = run["status"]
+        self.sweep = {
+            "id": run["id"],
+            "status": status,
+            "listed": shown["listed"] if shown is not None else None,
+            "chosen": opened or bool(shown and shown["chosen"]),
+        }
+        self._q(SweepsView).show_sweep(run["id"], rows)
+        self._q("#sweep-summary", Static).update(sweep_summary(run, rows))
+        meta = {"kind": "sweep", "run_id": run["id"], "summary": run.get("summary") or {}, "status": status}
+        self.views["sweeps"] = meta
+        self._sweep_to_chart(meta, rows, opened)
+        if opened:
+            self.action_show_tab("sweeps")
+            if status == "running":
+                self.notify(f"Following sweep {run['id']} as it runs.", timeout=4)
+            else:
+                self.notify(f"Opened sweep {run['id']} ({status}).", timeout=4)
+        elif was_running and status != "running":
+            self._runlog(f"sweep {run['id']} {status}")
+            self.notify(f"Sweep {run['id']} {status}.", timeout=5)
+            self.bell()
+
+    def _sweep_to_chart(self, meta: dict[str, Any], rows: list[dict[str, Any]], opened: bool) -> None:
+        """The finished experiments as the Ablation tab's bars (their key is the label), unless that tab holds an
+        ablation: one running, or one opened or run since (an opened sweep replaces a finished one)."""
+        current = self.views.get("ablation")
+        if self.running == "ablation" or (not opened and current and current.get("kind") != "sweep"):
+            return
+        chart = self._q(AblationChart)
+        if not current or current.get("run_id") != meta["run_id"]:
+            chart.reset()
+        self.views["ablation"] = dict(meta)
+        for row in rows:
+            if row.get("state") != "finished" or row.get("share_detoxified") is None:
+                continue
+            if chart.rows_by_key.get(str(row.get("key"))) != row:
+                chart.add_config(row)
 
     @on(RunsBrowser.Compare)
     def _compare(self, event: RunsBrowser.Compare) -> None:
@@ -1113,6 +1251,9 @@ class DetoxApp(App[None]):
             return "ablation", list(self._q(AblationChart).rows_by_key.values())
         if view == "trace":
             return "trace", list(self.trace_rows)
+        if view == "sweeps":
+            view_rows = self._q(SweepsView).rows_by_id
+            return "sweep", [view_rows[key] for key in sorted(view_rows)]
         table = self._q(ResultsTable)
         return table.mode, [r for r in table.rows_data if not r.get("pending")]
 

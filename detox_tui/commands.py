@@ -11,6 +11,7 @@ TABS: tuple[tuple[str, str], ...] = (
     ("ablation", "Ablation"),
     ("trace", "Trace"),
     ("runs", "Runs"),
+    ("sweeps", "Sweeps"),
     ("log", "Log"),
 )
 
@@ -22,6 +23,7 @@ TAB_FOCUS: dict[str, str] = {
     "ablation": "#ablation-chart",
     "trace": "#trace-scroll",
     "runs": "#runs-browser",
+    "sweeps": "#sweeps-view",
     "log": "#run-log",
 }
 
@@ -130,4 +132,16 @@ WIDGET_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
     ("runs", "open_run", "Open highlighted run", "Show the run's rows and charts (follows it while it runs)"),
     ("runs", "mark", "Mark run for compare", "Mark the highlighted run (two marked runs can be compared)"),
     ("runs", "compare", "Compare marked runs", "The two marked runs side by side"),
+    (
+        "sweeps",
+        "sort_menu",
+        "Sort sweep experiments…",
+        "Choose the column the sweep's experiments are sorted by",
+    ),
+    (
+        "sweeps",
+        "open_experiment",
+        "Open highlighted experiment",
+        "Show the run of the experiment highlighted in the Sweeps tab",
+    ),
 )

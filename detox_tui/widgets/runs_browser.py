@@ -100,9 +100,11 @@ class RunsBrowser(SortableTable, DataTable):
     ]
 
     class Open(Message):
-        def __init__(self, run_id: str) -> None:
+        """Open a run (``kind``: its kind, so a sweep opens in the Sweeps tab)."""
+
+        def __init__(self, run_id: str, kind: str | None = None) -> None:
             super().__init__()
-            self.run_id = run_id
+            self.run_id, self.kind = run_id, kind
 
     class Compare(Message):
         def __init__(self, first: str, second: str) -> None:
@@ -208,7 +210,8 @@ class RunsBrowser(SortableTable, DataTable):
     def action_open_run(self) -> None:
         rid = self.current_id()
         if rid:
-            self.post_message(self.Open(rid))
+            kind = next((r.get("kind") for r in self.runs if r["id"] == rid), None)
+            self.post_message(self.Open(rid, kind))
 
     def action_mark(self) -> None:
         rid = self.current_id()
