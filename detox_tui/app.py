@@ -226,7 +226,7 @@ class DetoxApp(App[None]):
                 yield ScoreBars(id="score-bars")
             with TabPane("Ablation", id="ablation"):
                 yield Label(
-                    "Share of prompts detoxified per layer configuration (significant fall >= --min-reduction)",
+                    "Share of prompts detoxified per layer configuration or sweep experiment (significant fall >= --min-reduction)",
                     classes="dim",
                 )
                 yield AblationChart(id="ablation-chart")
