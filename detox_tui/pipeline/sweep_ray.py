@@ -136,6 +136,13 @@ class RayBackend:
     def stop(self) -> None:
         self.cancel.set()
         ray = _ray()
+        # Idle actors remove their scratch folders; a busy one (a cancel mid-experiment) is killed after a moment.
+        try:
+            closing = [actor.close.remote() for actor in self.actors.values()]
+            if closing:
+                ray.wait(closing, num_returns=len(closing), timeout=5)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
         for actor in self.actors.values():
             try:
                 ray.kill(actor)
