@@ -46,6 +46,8 @@ app.add_typer(runs_app, name="runs")
 err = Console(stderr=True)
 console = Console()
 _DEBUG = {"on": False}
+# --trust-checkpoint (a global option): carried into each run's config (ScoringConfig.trust_checkpoint).
+_TRUST = {"on": False}
 
 # ------------------------------------------------------------------------------------------ shared options
 
@@ -228,7 +230,10 @@ class RunOptions:
                 batch_size=self.batch_size,
             ),
             scoring=ScoringConfig(
-                scorer=self.scorer, threshold=self.threshold, score_with_prompt=self.score_with_prompt
+                scorer=self.scorer,
+                threshold=self.threshold,
+                score_with_prompt=self.score_with_prompt,
+                trust_checkpoint=_TRUST["on"],
             ),
             prompts=self.prompts,
             chat_template=self.chat_template,
@@ -540,6 +545,14 @@ def main_callback(
     data_dir: DataDirOpt = None,
     threads: ThreadsOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    trust_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--trust-checkpoint",
+            help="Load a scorer checkpoint that needs pickle (which can run code), with a warning; without it such a "
+            "file is refused. Only for files you trust.",
+        ),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
     ] = False,
@@ -547,6 +560,7 @@ def main_callback(
     """Without a command, open the Textual app."""
     if debug:
         _DEBUG["on"] = True
+    _TRUST["on"] = trust_checkpoint
     if ctx.invoked_subcommand is not None:
         _pass_global_options(ctx, locals())
         return
