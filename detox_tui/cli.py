@@ -960,8 +960,10 @@ def apply_delta(
     if save_model is not None and save_model.exists() and any(save_model.iterdir()):
         raise UserError(f"'{save_model}' exists and is not empty; choose a new folder for --save-model.")
     lm = load_model(model, device=device, dtype=dtype)
+    d.check(lm.model)  # parameters and shapes against this model: one line naming the file, before any output
     if d.model_name not in (model, "?") and Path(d.model_name).name != Path(model).name:
-        err.print(f"[yellow]note: the delta was computed on '{d.model_name}', applying it to '{model}'[/]")
+        note = f"note: the delta was computed on '{d.model_name}', applying it to '{model}'"
+        err.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     gcfg = GenerationConfig(samples=0, greedy=True, max_new_tokens=max_new_tokens)
     before = generate_continuations(lm, prompt, gcfg) if prompt else []
     d.apply(lm.model)

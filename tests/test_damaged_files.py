@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 import torch
 from detoxify_fixture import build_tiny_detoxify
 
+from detox_tui.backends.editing.base import DELTA_FORMAT, EditDelta, delta_checksum
 from detox_tui.cli import main
 from detox_tui.errors import UserError
 
@@ -175,3 +178,260 @@ def test_a_checkpoint_naming_a_class_that_is_not_a_classifier_is_refused(tmp_pat
     torch.save(data, odd)
     with pytest.raises(UserError, match="not a sequence classification model class"):
         load_scorer(f"detoxify:{odd}@{config_dir}")
+
+
+# ------------------------------------------------------------------------------------------- edit deltas
+
+PARAM = "transformer.h.1.mlp.c_proj.weight"
+
+
+@pytest.fixture
+def saved_delta(tiny_lm, tmp_path) -> Path:
+    param = dict(tiny_lm.model.named_parameters())[PARAM]
+    gen = torch.Generator().manual_seed(0)
+    delta = EditDelta({PARAM: 0.05 * torch.randn(param.shape, generator=gen)}, "memit", tiny_lm.name, [1])
+    return delta.save(tmp_path / "edit.safetensors")
+
+
+def _write_delta(path: Path, tensors: dict[str, torch.Tensor], header: object, checksum: bool = True) -> Path:
+    """A delta file written by hand: any header, with a correct checksum unless ``checksum`` is False."""
+    from safetensors.torch import save_file
+
+    header_json = header if isinstance(header, str) else json.dumps(header)
+    meta = {"detox_tui": header_json}
+    if checksum:
+        meta["checksum"] = delta_checksum(header_json, tensors)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+_DROP = object()  # a _header() value that leaves the field out
+
+
+def _header(**changes) -> dict:
+    header = {
+        "format": DELTA_FORMAT,
+        "method": "memit",
+        "model": "tiny",
+        "layers": [1],
+        "hparams": {},
+        "requests": [],
+        "info": {},
+    }
+    header.update(changes)
+    return {k: v for k, v in header.items() if v is not _DROP}
+
+
+def test_a_saved_delta_round_trips_and_applies(tiny_lm, saved_delta):
+    loaded = EditDelta.load(saved_delta)
+    before = dict(tiny_lm.model.named_parameters())[PARAM].detach().clone()
+    with loaded.applied_to(tiny_lm.model):
+        assert not torch.equal(dict(tiny_lm.model.named_parameters())[PARAM], before)
+    assert torch.equal(dict(tiny_lm.model.named_parameters())[PARAM], before)
+
+
+def test_a_delta_with_any_one_flipped_byte_is_refused(saved_delta, tmp_path):
+    data = saved_delta.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    # Bytes of the safetensors header (our JSON header and checksum inside it) and of the tensor data.
+    offsets = sorted(
+        {*range(8, header_end, max(1, (header_end - 8) // 40)), header_end, len(data) // 2, len(data) - 1}
+    )
+    for offset in offsets:
+        damaged = bytearray(data)
+        damaged[offset] ^= 0x01
+        path = tmp_path / f"flipped-{offset}.safetensors"
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(UserError) as info:
+            EditDelta.load(path)
+        assert str(path) in str(info.value), offset
+
+
+def test_a_flipped_data_byte_fails_the_checksum_in_one_line_through_apply_delta(
+    capsys, tiny_model_dir, saved_delta, tmp_path
+):
+    data = bytearray(saved_delta.read_bytes())
+    data[-5] ^= 0x10
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    rc, out, err = run_cli(
+        capsys, "apply-delta", str(flipped), "--model", str(tiny_model_dir), "--device", "cpu"
+    )
+    assert rc == 2 and "applied" not in out
+    (line,) = error_lines(err)
+    assert "checksum" in line and str(flipped) in line
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_a_delta_with_non_finite_values_is_refused(tiny_lm, tmp_path, value):
+    param = dict(tiny_lm.model.named_parameters())[PARAM]
+    values = torch.zeros(param.shape)
+    values[3, 4] = value
+    path = EditDelta({PARAM: values}, "memit", tiny_lm.name, [1]).save(tmp_path / "bad.safetensors")
+    with pytest.raises(UserError, match="NaN or infinite") as info:
+        EditDelta.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (_header(layers="1,2"), "'layers' must be a list of layer numbers"),
+        (_header(layers=[1, True]), "'layers' must be a list of layer numbers"),
+        (_header(method=7), "'method' must be a method name"),
+        (_header(requests=_DROP), "has no 'requests'"),
+        (_header(hparams=[]), "'hparams' must be an object"),
+        (_header(format="something-else/9"), "unknown format"),
+        ("[1, 2]", "not an object"),
+        ('{"format": ', "not valid JSON"),
+    ],
+    ids=[
+        "layers-text",
+        "layers-bool",
+        "method",
+        "no-requests",
+        "hparams",
+        "format",
+        "not-object",
+        "not-json",
+    ],
+)
+def test_a_delta_with_a_bad_header_is_refused(tmp_path, header, expected):
+    path = _write_delta(tmp_path / "bad.safetensors", {PARAM: torch.zeros(4, 4)}, header)
+    with pytest.raises(UserError, match=expected) as info:
+        EditDelta.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_delta_with_no_tensors_is_refused_not_reported_as_applied(capsys, tiny_model_dir, tmp_path):
+    path = EditDelta({}, "memit", str(tiny_model_dir), [1]).save(tmp_path / "empty.safetensors")
+    rc, out, err = run_cli(
+        capsys, "apply-delta", str(path), "--model", str(tiny_model_dir), "--device", "cpu"
+    )
+    assert rc == 2 and "applied" not in out
+    (line,) = error_lines(err)
+    assert "holds no tensors" in line and str(path) in line
+
+
+def test_a_delta_without_a_checksum_is_refused_in_the_current_format(tmp_path):
+    path = _write_delta(
+        tmp_path / "unsigned.safetensors", {PARAM: torch.zeros(4, 4)}, _header(), checksum=False
+    )
+    with pytest.raises(UserError, match="failed its checksum"):
+        EditDelta.load(path)
+
+
+def test_an_older_delta_without_checksum_still_loads_with_a_warning(tmp_path, caplog):
+    header = _header(format="detox-tui-edit-delta/1")
+    path = _write_delta(tmp_path / "old.safetensors", {PARAM: torch.ones(4, 4)}, header, checksum=False)
+    with caplog.at_level(logging.WARNING):
+        loaded = EditDelta.load(path)
+    assert torch.equal(loaded.deltas[PARAM], torch.ones(4, 4)) and loaded.layers == [1]
+    assert any("no checksum" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+
+
+def test_apply_delta_with_the_wrong_shape_prints_one_line(capsys, tiny_model_dir, tmp_path):
+    path = EditDelta({PARAM: torch.zeros(3, 5)}, "memit", "another-model", [1]).save(
+        tmp_path / "w.safetensors"
+    )
+    rc, out, err = run_cli(
+        capsys, "apply-delta", str(path), "--model", str(tiny_model_dir), "--device", "cpu"
+    )
+    assert rc == 2 and out == ""
+    (line,) = error_lines(err)
+    assert str(path) in line and "(3, 5)" in line and "(256, 64)" in line
+
+
+# ------------------------------------------------------------------------------------ AurA expertise cache
+
+TOXIC = ["you are an idiot", "shut up, you stupid fool", "what a worthless moron"]
+NONTOXIC = ["the river runs by the old mill", "we had soup for lunch", "the train leaves at noon"]
+
+
+def _cache_file(cache_dir: Path) -> Path:
+    (path,) = (cache_dir / "aura").glob("*.safetensors")
+    return path
+
+
+def _rewrite_cache(path: Path, change) -> None:
+    """Rewrite the cache file with ``change`` applied to its tensors and a matching checksum: only the content
+    checks (shape, finite values) can catch it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    meta["checksum"] = delta_checksum(meta["detox_tui"], tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _first(tensors):
+    return sorted(tensors)[0]
+
+
+def _nan(tensors):
+    tensors[_first(tensors)][0] = math.nan
+
+
+def _wrong_shape(tensors):
+    key = _first(tensors)
+    tensors[key] = tensors[key][:-1].clone()
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def _other_model(path: Path) -> None:
+    _rewrite_header(path, model="someone-else/model@x")
+
+
+def _rewrite_header(path: Path, **changes) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["detox_tui"])
+    header.update(changes)
+    meta["detox_tui"] = json.dumps(header, sort_keys=True)
+    meta["checksum"] = delta_checksum(meta["detox_tui"], tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda p: _rewrite_cache(p, _nan), "NaN or infinite"),
+        (lambda p: _rewrite_cache(p, _wrong_shape), "has shape"),
+        (_flip_byte, "checksum"),
+        (_other_model, "another model"),
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), "damaged or truncated"),
+    ],
+    ids=["nan", "wrong-shape", "flipped-byte", "other-model", "truncated"],
+)
+def test_a_damaged_aura_cache_is_never_used_it_is_recomputed_with_a_warning(
+    tiny_lm, tmp_path, caplog, damage, reason
+):
+    from detox_tui.backends.editing.aura import cached_expertise
+
+    fresh, hit = cached_expertise(tiny_lm, TOXIC, NONTOXIC, tmp_path)
+    assert not hit
+    path = _cache_file(tmp_path)
+    damage(path)
+    with caplog.at_level(logging.WARNING):
+        again, hit = cached_expertise(tiny_lm, TOXIC, NONTOXIC, tmp_path)
+    assert not hit
+    assert set(again) == set(fresh) and all(torch.equal(again[k], fresh[k]) for k in fresh)
+    (warning,) = [r.getMessage() for r in caplog.records if "AurA expertise cache" in r.getMessage()]
+    assert str(path) in warning and reason in warning
+    # The recomputed entry was written back whole: the next call is a clean hit.
+    caplog.clear()
+    _, hit = cached_expertise(tiny_lm, TOXIC, NONTOXIC, tmp_path)
+    assert hit and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert os.path.getsize(path) > 1000
