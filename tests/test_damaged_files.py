@@ -435,3 +435,67 @@ def test_a_damaged_aura_cache_is_never_used_it_is_recomputed_with_a_warning(
     _, hit = cached_expertise(tiny_lm, TOXIC, NONTOXIC, tmp_path)
     assert hit and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert os.path.getsize(path) > 1000
+
+
+# -------------------------------------------------------------------------------------------- model folders
+
+
+def _model_copy(source: Path, dest: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    dest.mkdir()
+    for f in source.iterdir():
+        if f.is_file() and f.name not in leave_out:
+            (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused_before_generating(capsys, tiny_model_dir, tmp_path):
+    folder = _model_copy(
+        tiny_model_dir, tmp_path / "no-tokenizer", ("tokenizer.json", "tokenizer_config.json")
+    )
+    rc, out, err = run_cli(capsys, "baseline", "--model", str(folder), "--scorer", "profanity", *TINY_RUN)
+    assert rc == 2 and out == ""
+    (line,) = error_lines(err)
+    assert str(folder) in line and "tokenizer" in line
+    from detox_tui.pipeline.store import RunStore
+
+    assert RunStore.open(os.environ["DETOX_TUI_HOME"]).list_runs() == []
+
+
+def test_a_tokenizer_of_another_model_is_refused(tiny_lm, tmp_path):
+    from detox_tui.backends.models import check_token_ids, check_tokenizer
+
+    ids = check_tokenizer("tiny", tiny_lm.tokenizer)
+    tiny_lm.model.resize_token_embeddings(max(ids))  # the tokenizer now names rows the model lacks
+    with pytest.raises(UserError, match="does not match the model"):
+        check_token_ids("tiny", ids, tiny_lm.model)
+
+
+@pytest.mark.parametrize("command", ["baseline", "apply-delta"])
+def test_truncated_model_weights_are_one_line_and_exit_2(
+    capsys, tiny_model_dir, tmp_path, saved_delta, command
+):
+    folder = _model_copy(tiny_model_dir, tmp_path / "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if command == "baseline":
+        args = ["baseline", "--model", str(folder), "--scorer", "profanity", *TINY_RUN]
+    else:
+        args = ["apply-delta", str(saved_delta), "--model", str(folder), "--device", "cpu"]
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 2
+    (line,) = error_lines(err)
+    assert "damaged or truncated" in line and str(folder) in line
+
+
+def test_pickled_model_weights_never_run_and_are_refused(capsys, tiny_model_dir, tmp_path, saved_delta):
+    from safetensors.torch import load_file
+
+    folder = _model_copy(tiny_model_dir, tmp_path / "pickled", ("model.safetensors",))
+    marker = tmp_path / "payload-ran"
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    torch.save({**state, "payload": _CreatesFile(marker)}, folder / "pytorch_model.bin")
+    rc, _, err = run_cli(capsys, "apply-delta", str(saved_delta), "--model", str(folder), "--device", "cpu")
+    assert not marker.exists()
+    assert rc == 2
+    (line,) = error_lines(err)
+    assert "pickle" in line and str(folder) in line
