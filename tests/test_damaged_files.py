@@ -499,3 +499,73 @@ def test_pickled_model_weights_never_run_and_are_refused(capsys, tiny_model_dir,
     assert rc == 2
     (line,) = error_lines(err)
     assert "pickle" in line and str(folder) in line
+
+
+# -------------------------------------------------------------------------------------------- prompt files
+
+
+def _prompt_file(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_a_csv_quote_that_is_never_closed_is_refused_naming_its_line(tmp_path):
+    from detox_tui.prompts import load_prompts
+
+    path = _prompt_file(tmp_path, "q.csv", 'prompt,target\nfine, ok\n"broken, quote\nnext, row\nlast, row\n')
+    with pytest.raises(UserError, match=r"q\.csv line 3: a quoted cell .* is never closed\.$"):
+        load_prompts(path)
+
+
+def test_csv_text_after_a_closing_quote_is_refused_naming_its_line(tmp_path):
+    from detox_tui.prompts import load_prompts
+
+    path = _prompt_file(tmp_path, "t.csv", 'prompt\nfine\n"half"quoted\n')
+    with pytest.raises(UserError, match=r"t\.csv line 3: malformed CSV"):
+        load_prompts(path)
+
+
+def test_a_csv_column_named_twice_is_refused(tmp_path):
+    from detox_tui.prompts import load_prompts
+
+    path = _prompt_file(tmp_path, "d.csv", "prompt,target,prompt\nfirst,t,second\n")
+    with pytest.raises(UserError, match=r"d\.csv line 1: the column 'prompt' appears twice"):
+        load_prompts(path)
+
+
+def test_strict_csv_still_reads_quoted_commas_newlines_and_short_rows(tmp_path):
+    from detox_tui.prompts import load_prompts
+
+    text = 'prompt,target,category\n"Hello, there",world,a\n"two\nlines",x\n\nlast,\n'
+    items = load_prompts(_prompt_file(tmp_path, "ok.csv", text))
+    assert [(i.prompt, i.target, i.category) for i in items] == [
+        ("Hello, there", " world", "a"),
+        ("two\nlines", " x", None),
+        ("last", None, None),
+    ]
+    # A bad row after a multi-line cell is named by the line its record starts on.
+    text = 'prompt,target\n"two\nlines",x\nfine,ok,extra\n'
+    with pytest.raises(UserError, match=r"line 4: the row has more cells than the header"):
+        load_prompts(_prompt_file(tmp_path, "more.csv", text))
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (
+            "deep.jsonl",
+            '{"prompt": "hi", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+            "line 1: the JSON is nested",
+        ),
+        ("meta.json", '[{"prompt": "hi", "x": ' + "[" * 500 + "]" * 500 + "}]", "nested more than"),
+    ],
+    ids=["json", "jsonl", "deep-meta"],
+)
+def test_a_deeply_nested_json_prompt_file_is_one_line_and_exit_2(capsys, tmp_path, name, text, expected):
+    path = _prompt_file(tmp_path, name, text)
+    rc, _, err = run_cli(capsys, "baseline", "--prompts", path, "--scorer", "profanity", "--model", "m")
+    assert rc == 2
+    (line,) = error_lines(err)
+    assert expected in line and name in line
