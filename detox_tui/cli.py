@@ -648,7 +648,12 @@ def edit(
     ] = None,
     holdout: HoldoutOpt = None,
     save_delta: Annotated[
-        Path | None, typer.Option("--save-delta", help="Save the edit (safetensors).")
+        Path | None,
+        typer.Option(
+            "--save-delta",
+            help="Save each edit (safetensors) under this file name, e.g. out/edit.safetensors: every edit is written "
+            "beside it as edit_L<layers>[_p<prompt>].safetensors. An existing folder is refused.",
+        ),
     ] = None,
     *,
     ed: EditOptions,
@@ -664,6 +669,11 @@ def edit(
     cfg = run.config(**ed.fields(_parse_layers(layers), holdout))
     _apply_eval_protocol(ctx, cfg, run.protocol)
     _check_out(run.out)
+    if save_delta is not None and save_delta.expanduser().is_dir():
+        raise UserError(
+            f"--save-delta '{save_delta}' is a folder; give a file name in it, e.g. "
+            f"{save_delta / 'edit.safetensors'} (each edit is saved beside that name)."
+        )
     items = _load_items(run.prompts, run.limit)
     held = _load_items(holdout, None) if holdout else []
     wb = _workbench(cfg, run.data_dir, run.as_json)

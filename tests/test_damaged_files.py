@@ -569,3 +569,47 @@ def test_a_deeply_nested_json_prompt_file_is_one_line_and_exit_2(capsys, tmp_pat
     assert rc == 2
     (line,) = error_lines(err)
     assert expected in line and name in line
+
+
+# ------------------------------------------------------------------------------------ --save-delta and caches
+
+
+def test_save_delta_naming_an_existing_folder_is_refused_before_any_work(capsys, tmp_path):
+    folder = tmp_path / "deltas"
+    folder.mkdir()
+    rc, out, err = run_cli(capsys, "edit", "--model", "no-such-model", "--save-delta", str(folder))
+    assert rc == 2 and out == ""
+    (line,) = error_lines(err)
+    assert f"--save-delta '{folder}' is a folder" in line and str(folder / "edit.safetensors") in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deltas"] and not any(folder.iterdir())
+
+
+def _unwritable_stats_cache() -> Path:
+    """Make the statistics cache folder impossible to create (a file in its place: root ignores permissions)."""
+    cache = Path(os.environ["DETOX_TUI_HOME"]) / "cache"
+    cache.mkdir(parents=True)
+    (cache / "stats").write_text("in the way")
+    return cache / "stats"
+
+
+@pytest.mark.parametrize("command", ["stats", "edit"])
+def test_an_unwritable_cache_folder_is_one_warning_and_the_statistics_are_still_used(
+    capsys, caplog, tiny_model_dir, command
+):
+    stats_dir = _unwritable_stats_cache()
+    common = ["--model", str(tiny_model_dir), "--layers", "1,2", "--stats-tokens", "300", "--device", "cpu"]
+    if command == "stats":
+        args = ["stats", *common, "--json"]
+    else:
+        args = ["edit", *common, "--method", "memit", "--scorer", "profanity", "--samples", "1"]
+        args += ["--max-new-tokens", "2", "--limit", "1", "-H", "n_templates=1", "--json"]
+    with caplog.at_level(logging.WARNING):
+        rc, out, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    data = json.loads(out)
+    if command == "stats":
+        assert data["layers"] == [1, 2] and data["tokens"] > 0
+    else:
+        assert len(data["rows"]) == 1 and data["deltas"] == []
+    (warning,) = [r.getMessage() for r in caplog.records if "could not cache" in r.getMessage()]
+    assert "layers 1, 2" in warning and str(stats_dir) in warning and "used for this run only" in warning
