@@ -46,6 +46,8 @@ app.add_typer(runs_app, name="runs")
 err = Console(stderr=True)
 console = Console()
 _DEBUG = {"on": False}
+# --trust-checkpoint (a global option): carried into each run's config (ScoringConfig.trust_checkpoint).
+_TRUST = {"on": False}
 
 # ------------------------------------------------------------------------------------------ shared options
 
@@ -228,7 +230,10 @@ class RunOptions:
                 batch_size=self.batch_size,
             ),
             scoring=ScoringConfig(
-                scorer=self.scorer, threshold=self.threshold, score_with_prompt=self.score_with_prompt
+                scorer=self.scorer,
+                threshold=self.threshold,
+                score_with_prompt=self.score_with_prompt,
+                trust_checkpoint=_TRUST["on"],
             ),
             prompts=self.prompts,
             chat_template=self.chat_template,
@@ -540,6 +545,14 @@ def main_callback(
     data_dir: DataDirOpt = None,
     threads: ThreadsOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    trust_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--trust-checkpoint",
+            help="Load a scorer checkpoint that needs pickle (which can run code), with a warning; without it such a "
+            "file is refused. Only for files you trust.",
+        ),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
     ] = False,
@@ -547,6 +560,7 @@ def main_callback(
     """Without a command, open the Textual app."""
     if debug:
         _DEBUG["on"] = True
+    _TRUST["on"] = trust_checkpoint
     if ctx.invoked_subcommand is not None:
         _pass_global_options(ctx, locals())
         return
@@ -634,7 +648,12 @@ def edit(
     ] = None,
     holdout: HoldoutOpt = None,
     save_delta: Annotated[
-        Path | None, typer.Option("--save-delta", help="Save the edit (safetensors).")
+        Path | None,
+        typer.Option(
+            "--save-delta",
+            help="Save each edit (safetensors) under this file name, e.g. out/edit.safetensors: every edit is written "
+            "beside it as edit_L<layers>[_p<prompt>].safetensors. An existing folder is refused.",
+        ),
     ] = None,
     *,
     ed: EditOptions,
@@ -650,6 +669,11 @@ def edit(
     cfg = run.config(**ed.fields(_parse_layers(layers), holdout))
     _apply_eval_protocol(ctx, cfg, run.protocol)
     _check_out(run.out)
+    if save_delta is not None and save_delta.expanduser().is_dir():
+        raise UserError(
+            f"--save-delta '{save_delta}' is a folder; give a file name in it, e.g. "
+            f"{save_delta / 'edit.safetensors'} (each edit is saved beside that name)."
+        )
     items = _load_items(run.prompts, run.limit)
     held = _load_items(holdout, None) if holdout else []
     wb = _workbench(cfg, run.data_dir, run.as_json)
@@ -949,8 +973,10 @@ def apply_delta(
     if save_model is not None:
         _check_model_folder(save_model)
     lm = load_model(model, device=device, dtype=dtype)
+    d.check(lm.model)  # parameters and shapes against this model: one line naming the file, before any output
     if d.model_name not in (model, "?") and Path(d.model_name).name != Path(model).name:
-        err.print(f"[yellow]note: the delta was computed on '{d.model_name}', applying it to '{model}'[/]")
+        note = f"note: the delta was computed on '{d.model_name}', applying it to '{model}'"
+        err.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     gcfg = GenerationConfig(samples=0, greedy=True, max_new_tokens=max_new_tokens)
     before = generate_continuations(lm, prompt, gcfg) if prompt else []
     d.apply(lm.model)

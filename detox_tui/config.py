@@ -70,6 +70,8 @@ class ScoringConfig:
     threshold: float = 0.1
     score_with_prompt: bool = False
     batch_size: int = 32
+    # Let a scorer checkpoint that needs pickle (which can run code) load, with a warning; off: it is refused.
+    trust_checkpoint: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

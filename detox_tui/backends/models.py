@@ -312,9 +312,24 @@ def load_model(
     spec = spec_for_model_type(getattr(config, "model_type", "unknown"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    except OSError as exc:
+        raise _load_error(name, is_local, offline, exc) from exc
+    except Exception as exc:  # tokenizers/transformers raise many types for a damaged tokenizer file
+        log.debug("tokenizer load failed", exc_info=True)
+        raise UserError(
+            f"The model '{name}' did not load: its tokenizer could not be read ({_first_line(exc)})."
+        ) from exc
+    ids = check_tokenizer(name, tokenizer)  # before the weights: a big model is not loaded for nothing
+    try:
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=torch_dtype)
     except OSError as exc:
         raise _load_error(name, is_local, offline, exc) from exc
+    except Exception as exc:  # safetensors / torch errors for truncated or damaged weight files
+        log.debug("model load failed", exc_info=True)
+        if isinstance(exc, MemoryError) or "memory" in str(exc).lower():
+            raise  # not the file's fault: the CLI names the memory problem
+        raise UserError(_weights_error(name, exc)) from exc
+    check_token_ids(name, ids, model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -326,6 +341,66 @@ def load_model(
         p.requires_grad_(False)
     log.info("loaded %s (%s, %s) on %s", name, spec.family, torch_dtype, dev)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name, device=dev, revision=revision)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip().rstrip(".") if text else type(exc).__name__
+
+
+def _weights_error(name: str, exc: Exception) -> str:
+    """One sentence for a model whose weights failed to load."""
+    text = str(exc)
+    if "Weights only load failed" in text and ("GLOBAL" in text or "Can only " in text):
+        return (
+            f"The model '{name}' did not load: its weights file needs pickle to load, which can run code, so it was "
+            "refused; use a copy saved as safetensors."
+        )
+    damaged = (
+        "safetensor" in type(exc).__name__.lower()
+        or "deserializ" in text.lower()
+        or "Weights only load failed" in text
+        or "PytorchStreamReader" in text
+        or isinstance(exc, EOFError)
+    )
+    if damaged:
+        return f"The model '{name}' did not load: its weights are damaged or truncated ({_first_line(exc)})."
+    return f"The model '{name}' did not load: {_first_line(exc)}."
+
+
+# Text every usable tokenizer turns into tokens.
+_TOKENIZER_PROBE = "Hello, world. The weather is nice today."
+
+
+def check_tokenizer(name: str, tokenizer) -> list[int]:
+    """The ids of a probe text; a tokenizer that cannot encode text is refused (UserError, one sentence).
+
+    A folder without tokenizer files can still give a tokenizer (an empty one): every prompt would become no
+    tokens and every continuation ''.
+    """
+    try:
+        ids = [int(i) for i in tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]]
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer can fail in any way
+        raise UserError(
+            f"The model '{name}' did not load: its tokenizer cannot encode text ({_first_line(exc)})."
+        ) from exc
+    if not ids:
+        raise UserError(
+            f"The model '{name}' did not load: it has no usable tokenizer (text encodes to no tokens); the folder "
+            "needs its tokenizer files (tokenizer.json, or vocab and merges)."
+        )
+    return ids
+
+
+def check_token_ids(name: str, ids: list[int], model: nn.Module) -> None:
+    """Refuse a tokenizer whose ids for ordinary text lie beyond the model's embedding rows (another model's)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and max(ids) >= rows:
+        raise UserError(
+            f"The model '{name}' did not load: its tokenizer does not match the model (token id {max(ids)} but the "
+            f"model has {rows} embeddings)."
+        )
 
 
 def _load_error(name: str, is_local: bool, offline: bool, exc: Exception) -> UserError:

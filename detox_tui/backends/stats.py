@@ -159,20 +159,35 @@ def load_tensor_cache(
     return tensor, meta
 
 
-def save_tensor_cache(path: Path, name: str, tensor: torch.Tensor, fmt: str, meta: dict[str, str]) -> None:
-    """Write ``tensor`` as ``name`` with ``meta``, its format and checksum, atomically; a failure is only logged."""
+def save_tensor_cache(
+    path: Path, name: str, tensor: torch.Tensor, fmt: str, meta: dict[str, str], *, warn: bool = True
+) -> str | None:
+    """Write ``tensor`` as ``name`` with ``meta``, its format and checksum, atomically.
+
+    A failure (a read-only or full cache folder) never raises: it returns why (and logs a warning unless ``warn`` is
+    False, for callers that report several files at once); None when the file was written.
+    """
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensor = tensor.detach().contiguous().cpu()
     metadata = {**meta, "format": fmt, "checksum": _checksum(tensor)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({name: tensor}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        log.warning("could not write the %s cache %s: %s", name, path, exc)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        reason = exc.strerror or str(exc)
+        if warn:
+            log.warning(
+                "could not write the %s cache %s (%s); it is used for this run only", name, path, reason
+            )
+        return reason
+    return None
 
 
 def _load_cached(path: Path, d_mlp: int) -> torch.Tensor | None:
@@ -181,8 +196,8 @@ def _load_cached(path: Path, d_mlp: int) -> torch.Tensor | None:
     return None if cached is None else cached[0]
 
 
-def _save_cached(path: Path, cov: torch.Tensor, meta: dict[str, str]) -> None:
-    save_tensor_cache(path, "covariance", cov, CACHE_FORMAT, meta)
+def _save_cached(path: Path, cov: torch.Tensor, meta: dict[str, str]) -> str | None:
+    return save_tensor_cache(path, "covariance", cov, CACHE_FORMAT, meta, warn=False)
 
 
 # Keys are multiplied out in chunks of at least this many tokens: one float32 GEMM per chunk, then one
@@ -570,6 +585,7 @@ def _finish(
         log.warning(msg)
         emit(Log(msg, "warning"))
     out = {}
+    not_cached: dict[int, str] = {}
     for layer in layers:
         # In place (bitwise the same as ``/``): the running sum becomes the result, no second d x d copy.
         cov = computed.pop(layer).div_(count)
@@ -584,7 +600,17 @@ def _finish(
                 "budget": str(budget),
                 "dtype": str(lm.dtype),
             }
-            _save_cached(path, cov, meta)
+            reason = _save_cached(path, cov, meta)
+            if reason is not None:
+                not_cached[layer] = reason
+    if not_cached:  # one warning for all layers; the statistics are still returned and used
+        log.warning(
+            "could not cache the covariance statistics of layer%s %s in %s (%s); they are used for this run only",
+            "s" if len(not_cached) > 1 else "",
+            ", ".join(map(str, not_cached)),
+            _cache_file(Path(cache_dir), "x").parent,
+            next(iter(not_cached.values())),
+        )
     return out
 
 

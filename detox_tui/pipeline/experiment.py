@@ -103,7 +103,12 @@ class Workbench:
         from detox_tui.backends.scorers import load_scorer
 
         device = str(lm.device) if lm is not None else "cpu"
-        return load_scorer(cfg.scoring.scorer, device=device, batch_size=cfg.scoring.batch_size)
+        return load_scorer(
+            cfg.scoring.scorer,
+            device=device,
+            batch_size=cfg.scoring.batch_size,
+            trust_checkpoint=cfg.scoring.trust_checkpoint,
+        )
 
     @classmethod
     def load(
@@ -151,7 +156,13 @@ class Workbench:
         from detox_tui.backends.scorers import load_scorer
 
         try:
-            new = load_scorer(name, device=str(self.lm.device), batch_size=self.config.scoring.batch_size)
+            scoring = self.config.scoring
+            new = load_scorer(
+                name,
+                device=str(self.lm.device),
+                batch_size=scoring.batch_size,
+                trust_checkpoint=scoring.trust_checkpoint,
+            )
         except Exception as exc:
             raise UserError(_did_not_load("scorer", name, _reason(exc))) from exc
         self.scorer = new

@@ -155,6 +155,22 @@ def _load_file(source: str) -> list[PromptItem]:
     return items
 
 
+# How deeply a prompt file's JSON may nest (a record's extra fields are kept as its meta and stored with the run).
+MAX_JSON_DEPTH = 32
+
+
+def _check_depth(data: Any, where: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise UserError(f"{where}: the JSON is nested more than {MAX_JSON_DEPTH} levels deep.")
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+
+
 def _read_json(path: Path, label: str) -> list[PromptItem]:
     text = _read_text(path, label)
     if not text.strip():
@@ -163,6 +179,9 @@ def _read_json(path: Path, label: str) -> list[PromptItem]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{label} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}).") from None
+    except RecursionError:
+        raise UserError(f"{label}: the JSON is nested too deeply to read.") from None
+    _check_depth(data, label)
     if isinstance(data, list):
         return [make_item(record, f"{label} record {i}") for i, record in enumerate(data, start=1)]
     if isinstance(data, dict):
@@ -186,32 +205,59 @@ def _read_jsonl(path: Path, label: str) -> list[PromptItem]:
             raise UserError(
                 f"{label} line {lineno}: invalid JSON at column {exc.colno} ({exc.msg})."
             ) from None
+        except RecursionError:
+            raise UserError(f"{label} line {lineno}: the JSON is nested too deeply to read.") from None
+        _check_depth(record, f"{label} line {lineno}")
         items.append(make_item(record, f"{label} line {lineno}"))
     return items
 
 
 def _read_csv(path: Path, label: str) -> list[PromptItem]:
+    """A CSV with a header naming its columns (one 'prompt'), parsed strictly: a quote that is never closed, text
+    after a closing quote, a column named twice or a row with more cells than the header is one UserError naming the
+    line where the record starts."""
     text = _read_text(path, label)
     if not text.strip():
         return []
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    reader.fieldnames = header
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    start = 1  # the line the next record starts on
+
+    def malformed(exc: csv.Error) -> UserError:
+        if "unexpected end of data" in str(exc):
+            why = "a quoted cell that starts in this record is never closed"
+        else:
+            why = f"malformed CSV ({exc})"
+        return UserError(f"{label} line {start}: {why}.")
+
+    try:
+        header = [h.strip() for h in next(reader)]
+    except csv.Error as exc:
+        raise malformed(exc) from None
+    named = [h for h in header if h]
+    twice = next((h for i, h in enumerate(named) if h in named[:i]), None)
+    if twice is not None:
+        raise UserError(f"{label} line 1: the column '{twice}' appears twice in the header.")
     if "prompt" not in header:
-        found = ", ".join(h for h in header if h) or "nothing"
+        found = ", ".join(named) or "nothing"
         raise UserError(f"{label} has no 'prompt' column in its header (found: {found}).")
     items = []
-    try:
-        for row in reader:
-            lineno = reader.line_num
-            if None in row:
-                raise UserError(f"{label} line {lineno}: the row has more cells than the header.")
-            if not (row.get("prompt") or "").strip():
-                raise UserError(f"{label} line {lineno}: the prompt is empty.")
-            record = {k: v for k, v in row.items() if k}
-            items.append(make_item(record, f"{label} line {lineno}"))
-    except csv.Error as exc:
-        raise UserError(f"{label} line {reader.line_num}: malformed CSV ({exc}).") from None
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise malformed(exc) from None
+        if not row:  # a blank line
+            continue
+        where = f"{label} line {start}"
+        if len(row) > len(header):
+            raise UserError(f"{where}: the row has more cells than the header.")
+        record = {key: value for key, value in zip(header, row) if key}
+        if not (record.get("prompt") or "").strip():
+            raise UserError(f"{where}: the prompt is empty.")
+        items.append(make_item(record, where))
     return items
 
 

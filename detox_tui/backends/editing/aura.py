@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest
+from detox_tui.backends.editing.base import Capabilities, EditContext, EditDelta, EditRequest, delta_checksum
 from detox_tui.backends.editing.presets import CHOICES, PresetHparams, load_preset
 from detox_tui.backends.models import linear_weight_out_in, to_param_layout
 from detox_tui.errors import UserError
@@ -363,6 +363,76 @@ def expertise_cache_key(
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+# The cache file's header format: it carries the model's identity, the settings and a checksum over the header and
+# every tensor. Files without it (written before) or failing any check are recomputed, never used.
+AURA_CACHE_FORMAT = "detox-tui-aura-expertise/2"
+
+
+def _expected_units(lm: Any, key: str) -> int:
+    """How many units ``key`` has on this model: the module's input features (the neuron) or its output features."""
+    out_features, in_features = linear_weight_out_in(lm.module(_module_path(key)), lm.spec).shape
+    return int(in_features if _is_input(key) else out_features)
+
+
+def _cache_header(lm: Any, pooling: str, modules: str, unit: str) -> str:
+    return json.dumps(
+        {
+            "format": AURA_CACHE_FORMAT,
+            "model": lm.identity(),
+            "pooling": pooling,
+            "modules": modules,
+            "unit": unit,
+        },
+        sort_keys=True,
+    )
+
+
+def _expertise_problem(lm: Any, expertise: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str | None:
+    """What makes ``expertise`` unusable on this model (other modules, a wrong shape, non-finite or non-AUROC
+    values), or None."""
+    if set(expertise) != set(keys):
+        return "it scores other modules than this model's"
+    for key in keys:
+        t = expertise[key]
+        n = _expected_units(lm, key)
+        if t.dim() != 1 or t.shape[0] != n:
+            return f"'{key}' has shape {tuple(t.shape)}, not ({n},)"
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            return f"'{key}' has NaN or infinite values"
+        if bool(((t < 0) | (t > 1)).any()):
+            return f"'{key}' has values outside 0..1 (not AUROCs)"
+    return None
+
+
+def read_expertise_cache(
+    lm: Any, path: Path, header: str, keys: Sequence[str]
+) -> dict[str, torch.Tensor] | None:
+    """The cached expertise at ``path`` when it passes every check (header, checksum, modules, shapes, finite
+    values); None when there is none. A file that fails a check is not used: one warning names it and why."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            expertise = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # safetensors raises its own error types for damaged files
+        log.debug("reading %s failed", path, exc_info=True)
+        problem: str | None = "it is damaged or truncated"
+    else:
+        if meta.get("detox_tui") != header:
+            problem = "it was written for another model, setting or format"
+        elif meta.get("checksum") != delta_checksum(header, expertise):
+            problem = "it failed its checksum"
+        else:
+            problem = _expertise_problem(lm, expertise, keys)
+    if problem:
+        log.warning("not using the AurA expertise cache %s (%s); recomputing it", path, problem)
+        return None
+    return expertise
+
+
 def cached_expertise(
     lm: Any,
     toxic: Sequence[str],
@@ -376,18 +446,22 @@ def cached_expertise(
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
 ) -> tuple[dict[str, torch.Tensor], bool]:
-    """``compute_expertise`` behind a safetensors cache in ``cache_dir/aura``; returns (expertise, hit)."""
-    from safetensors.torch import load_file, save_file
+    """``compute_expertise`` behind a checksummed safetensors cache in ``cache_dir/aura``; returns (expertise, hit).
+
+    A cache file is used only when its header (model identity, pooling, modules, unit), checksum, modules, shapes and
+    values all check out against ``lm``; otherwise it is recomputed (with a warning) and rewritten atomically.
+    """
+    from safetensors.torch import save_file
 
     unit = default_unit(lm) if unit is None else unit
     folder = Path(cache_dir) / "aura"
     path = folder / f"{expertise_cache_key(lm, toxic, nontoxic, pooling, modules, unit)}.safetensors"
-    if path.is_file():
-        try:
-            log.info("AurA expertise cache hit: %s", path)
-            return load_file(str(path)), True
-        except Exception:  # a corrupt cache entry is recomputed, never fatal
-            log.warning("ignoring unreadable AurA cache entry %s", path)
+    header = _cache_header(lm, pooling, modules, unit)
+    keys = unit_modules(lm, modules, unit)
+    cached = read_expertise_cache(lm, path, header, keys)
+    if cached is not None:
+        log.info("AurA expertise cache hit: %s", path)
+        return cached, True
     expertise = compute_expertise(
         lm,
         toxic,
@@ -399,14 +473,22 @@ def cached_expertise(
         emit=emit,
         cancel=cancel,
     )
+    tensors = {k: v.contiguous() for k, v in expertise.items()}
+    tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         os.close(fd)
-        save_file({k: v.contiguous() for k, v in expertise.items()}, tmp)
+        save_file(tensors, tmp, metadata={"detox_tui": header, "checksum": delta_checksum(header, tensors)})
         os.replace(tmp, path)
     except OSError as exc:
-        log.warning("could not cache AurA expertise in %s: %s", folder, exc)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        log.warning(
+            "could not cache the AurA expertise in %s (%s); it is used for this run only",
+            folder,
+            exc.strerror or exc,
+        )
     return expertise, False
 
 

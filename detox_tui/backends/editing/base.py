@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import logging
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -16,6 +19,51 @@ from torch import nn
 
 from detox_tui.errors import UserError
 from detox_tui.events import EventCallback, null_callback
+
+log = logging.getLogger(__name__)
+
+# The header's format: /2 files carry a checksum over the header and every tensor; /1 files (older) carry none.
+DELTA_FORMAT = "detox-tui-edit-delta/2"
+_UNCHECKED_DELTA_FORMATS = ("detox-tui-edit-delta/1",)
+
+
+def delta_checksum(header_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the header exactly as stored and each tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256(header_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(b"\0" + name.encode("utf-8") + b"\0" + f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _header_problem(header: dict[str, Any]) -> str | None:
+    """What is wrong with a delta file's header fields, or None."""
+    checks = (
+        ("method", lambda v: isinstance(v, str) and v.strip() != ""),
+        ("model", lambda v: isinstance(v, str) and v.strip() != ""),
+        (
+            "layers",
+            lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+        ),
+        ("hparams", lambda v: isinstance(v, dict)),
+        ("requests", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)),
+        ("info", lambda v: isinstance(v, dict)),
+    )
+    wanted = {
+        "method": "a method name",
+        "model": "a model name",
+        "layers": "a list of layer numbers",
+        "hparams": "an object",
+        "requests": "a list of objects",
+        "info": "an object",
+    }
+    for key, ok in checks:
+        if key not in header:
+            return f"it has no '{key}'"
+        if not ok(header[key]):
+            return f"'{key}' must be {wanted[key]}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +110,8 @@ class EditDelta:
     hparams: dict[str, Any] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # The file it was loaded from (named in errors), None for a delta computed in this process.
+    source: str | None = field(default=None, repr=False, compare=False)
     _originals: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -70,16 +120,25 @@ class EditDelta:
 
     def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = dict(model.named_parameters())
+        what = (
+            "The edit"
+            if self.source is None
+            else f"The edit delta '{self.source}' (computed on '{self.model_name}')"
+        )
         missing = [n for n in self.deltas if n not in params]
         if missing:
-            raise UserError(f"The edit touches '{missing[0]}', which this model does not have.")
+            raise UserError(f"{what} touches '{missing[0]}', which this model does not have.")
         for name, delta in self.deltas.items():
             if tuple(params[name].shape) != tuple(delta.shape):
                 raise UserError(
-                    f"The edit's delta for '{name}' has shape {tuple(delta.shape)} but the model's "
-                    f"parameter has shape {tuple(params[name].shape)}."
+                    f"{what} has shape {tuple(delta.shape)} for '{name}' but this model's parameter has shape "
+                    f"{tuple(params[name].shape)}."
                 )
         return params
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse (UserError, one sentence) a delta whose parameters this model lacks or has in another shape."""
+        self._params(model)
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
@@ -119,7 +178,7 @@ class EditDelta:
 
     def header(self) -> dict[str, Any]:
         return {
-            "format": "detox-tui-edit-delta/1",
+            "format": DELTA_FORMAT,
             "method": self.method,
             "model": self.model_name,
             "layers": list(self.layers),
@@ -129,20 +188,31 @@ class EditDelta:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the deltas as safetensors with a JSON header (in the safetensors metadata)."""
+        """Write the deltas as safetensors with a JSON header and a checksum (in the safetensors metadata).
+
+        Written to a temporary file beside ``path`` and renamed, so a crash never leaves half a delta.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.deltas.items()}
+        header_json = json.dumps(self.header())
+        metadata = {"detox_tui": header_json, "checksum": delta_checksum(header_json, tensors)}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.deltas.items()}
-            save_file(tensors, str(path), metadata={"detox_tui": json.dumps(self.header())})
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             raise UserError(f"Could not write the edit delta to '{path}': {exc.strerror or exc}.") from exc
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> EditDelta:
+        """Read a delta saved by ``save``, verified: its checksum (a damaged or changed file is refused), its
+        header fields, at least one tensor, and every value finite. Each problem is one UserError naming the file.
+        Files of the older format (no checksum) load with a warning that they cannot be verified."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -153,18 +223,55 @@ class EditDelta:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"'{path}' is not a valid safetensors edit delta.") from exc
+            log.debug("reading %s failed", path, exc_info=True)
+            raise UserError(
+                f"'{path}' is not a valid safetensors edit delta (it is damaged or truncated)."
+            ) from exc
         if "detox_tui" not in meta:
             raise UserError(f"'{path}' is a safetensors file but not a detox-tui edit delta (no header).")
-        header = json.loads(meta["detox_tui"])
+        try:
+            header = json.loads(meta["detox_tui"])
+        except (json.JSONDecodeError, RecursionError):
+            raise UserError(f"The edit delta '{path}' has a damaged header (not valid JSON).") from None
+        if not isinstance(header, dict):
+            raise UserError(f"The edit delta '{path}' has a bad header: it is not an object.")
+        fmt = header.get("format")
+        if fmt == DELTA_FORMAT:
+            if meta.get("checksum") != delta_checksum(meta["detox_tui"], tensors):
+                raise UserError(
+                    f"The edit delta '{path}' failed its checksum: the file is damaged or was changed after it "
+                    "was saved."
+                )
+        elif fmt in _UNCHECKED_DELTA_FORMATS:
+            log.warning(
+                "the edit delta %s has no checksum (an older format), so damage to it cannot be detected",
+                path,
+            )
+        else:
+            raise UserError(
+                f"The edit delta '{path}' has an unknown format {fmt!r}; expected '{DELTA_FORMAT}'."
+            )
+        problem = _header_problem(header)
+        if problem:
+            raise UserError(f"The edit delta '{path}' has a bad header: {problem}.")
+        if not tensors:
+            raise UserError(f"The edit delta '{path}' holds no tensors.")
+        for name, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                raise UserError(
+                    f"The edit delta '{path}' holds '{name}' as {tensor.dtype}, not floating point."
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise UserError(f"The edit delta '{path}' has NaN or infinite values in '{name}'.")
         return cls(
             deltas=tensors,
-            method=header.get("method", "?"),
-            model_name=header.get("model", "?"),
-            layers=list(header.get("layers", [])),
-            hparams=header.get("hparams", {}),
-            requests=header.get("requests", []),
-            info=header.get("info", {}),
+            method=header["method"],
+            model_name=header["model"],
+            layers=list(header["layers"]),
+            hparams=header["hparams"],
+            requests=header["requests"],
+            info=header["info"],
+            source=str(path),
         )
 
 

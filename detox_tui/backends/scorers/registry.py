@@ -24,13 +24,18 @@ def _looks_like_path(text: str) -> bool:
     return os.sep in text or "/" in text or "." in os.path.basename(text) or text.startswith("~")
 
 
-def load_scorer(spec: str = "detoxify", device: str = "cpu", batch_size: int = 32) -> Scorer:
+def load_scorer(
+    spec: str = "detoxify", device: str = "cpu", batch_size: int = 32, *, trust_checkpoint: bool = False
+) -> Scorer:
     """Build the scorer named by ``spec`` on ``device``.
 
     "detoxify" (= the unbiased variant), "detoxify:original|unbiased|multilingual", "detoxify:/file.ckpt"
     or "detoxify:/file.ckpt@/config_dir" (a local Detoxify checkpoint, optionally with its HF config and
     tokenizer directory for offline loading), "hf:<model id or path>[#<toxic label>]" (any sequence
     classifier) or "profanity" (offline lexical scorer). Raises UserError for anything else.
+
+    Detoxify checkpoints are opened without pickle; ``trust_checkpoint`` lets one that needs pickle load (with a
+    warning). Hugging Face classifiers load through transformers, which never unpickles (``weights_only``).
     """
     text = (spec or "").strip()
     scheme, sep, rest = text.partition(":")
@@ -40,9 +45,16 @@ def load_scorer(spec: str = "detoxify", device: str = "cpu", batch_size: int = 3
 
         rest = rest.strip()
         if not sep or not rest:
-            return DetoxifyScorer(DEFAULT_DETOXIFY_VARIANT, device=device, batch_size=batch_size)
+            return DetoxifyScorer(
+                DEFAULT_DETOXIFY_VARIANT,
+                device=device,
+                batch_size=batch_size,
+                trust_checkpoint=trust_checkpoint,
+            )
         if rest.lower() in DETOXIFY_VARIANTS:
-            return DetoxifyScorer(rest.lower(), device=device, batch_size=batch_size)
+            return DetoxifyScorer(
+                rest.lower(), device=device, batch_size=batch_size, trust_checkpoint=trust_checkpoint
+            )
         if not _looks_like_path(rest):
             raise UserError(
                 f"Unknown Detoxify variant '{rest}'; choose {', '.join(DETOXIFY_VARIANTS)} or a checkpoint path."
@@ -54,6 +66,7 @@ def load_scorer(spec: str = "detoxify", device: str = "cpu", batch_size: int = 3
             checkpoint=os.path.expanduser(checkpoint),
             huggingface_config_path=os.path.expanduser(config_dir) if at and config_dir else None,
             batch_size=batch_size,
+            trust_checkpoint=trust_checkpoint,
         )
     if scheme == "hf" and sep:
         from detox_tui.backends.scorers.hf_classifier import HFClassifierScorer
