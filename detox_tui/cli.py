@@ -32,6 +32,7 @@ from detox_tui.config import (
     VerdictConfig,
 )
 from detox_tui.errors import Cancelled, UserError
+from detox_tui.text import plain, visible
 
 app = typer.Typer(
     add_completion=False,
@@ -510,7 +511,7 @@ def _export(
     from detox_tui.pipeline.results import export_files
 
     for written in export_files(rows, path, meta=_jsonable(meta), columns=columns):
-        err.print(f"wrote {written}")
+        err.print(plain(f"wrote {written}"))
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -693,7 +694,7 @@ def edit(
     for line in summary_lines(result.summary):
         console.print(line)
     for path in result.deltas:
-        console.print(f"saved edit delta: {path}")
+        console.print(plain(f"saved edit delta: {path}"))
     console.print(f"run {result.run_id}")
 
 
@@ -758,7 +759,9 @@ def ablate(
         console.print(f"run {result.run_id}: no configuration detoxified any prompt")
     else:
         share = result.summary["best_share_detoxified"]
-        console.print(f"run {result.run_id}: best configuration {best} ({100 * share:.1f}% detoxified)")
+        console.print(
+            plain(f"run {result.run_id}: best configuration {best} ({100 * share:.1f}% detoxified)")
+        )
 
 
 @app.command()
@@ -842,7 +845,7 @@ def trace(
     data = result.trace.to_dict()
     if out is not None:
         _write_trace(out, data)
-        err.print(f"wrote {out}")
+        err.print(plain(f"wrote {out}"))
     if as_json:
         _print_json({"run_id": result.run_id, **data, "summary": result.summary})
         return
@@ -915,8 +918,9 @@ def stats(
         _print_json(info)
     else:
         console.print(
-            f"covariance statistics for layers {s['layers']} ({s['tokens']} tokens) cached in {s['cache_dir']}",
-            markup=False,
+            plain(
+                f"covariance statistics for layers {s['layers']} ({s['tokens']} tokens) cached in {s['cache_dir']}"
+            )
         )
         console.print(f"run {result.run_id}")
 
@@ -947,21 +951,25 @@ def apply_delta(
         raise UserError(f"'{save_model}' exists and is not empty; choose a new folder for --save-model.")
     lm = load_model(model, device=device, dtype=dtype)
     if d.model_name not in (model, "?") and Path(d.model_name).name != Path(model).name:
-        err.print(f"[yellow]note: the delta was computed on '{d.model_name}', applying it to '{model}'[/]")
+        err.print(
+            plain(f"note: the delta was computed on '{d.model_name}', applying it to '{model}'", "yellow")
+        )
     gcfg = GenerationConfig(samples=0, greedy=True, max_new_tokens=max_new_tokens)
     before = generate_continuations(lm, prompt, gcfg) if prompt else []
     d.apply(lm.model)
     after = generate_continuations(lm, prompt, gcfg) if prompt else []
     for p, b, a in zip(prompt or [], before, after):
-        console.print(f"[bold]{p}[/]\n  before: {b.greedy!r}\n  after:  {a.greedy!r}")
-    console.print(f"applied {d.method} edit on layers {d.layers} ({len(d.deltas)} tensors)")
+        console.print(
+            plain(p, "bold"), plain(f"  before: {b.greedy!r}"), plain(f"  after:  {a.greedy!r}"), sep="\n"
+        )
+    console.print(plain(f"applied {d.method} edit on layers {d.layers} ({len(d.deltas)} tensors)"))
     if save_model is not None:
         try:
             lm.model.save_pretrained(save_model)
             lm.tokenizer.save_pretrained(save_model)
         except OSError as exc:
             raise UserError(f"Cannot save the model to '{save_model}': {exc.strerror or exc}.") from exc
-        console.print(f"saved edited model to {save_model}")
+        console.print(plain(f"saved edited model to {save_model}"))
 
 
 @runs_app.command("list")
@@ -972,7 +980,6 @@ def runs_list(
 ) -> None:
     """List recorded runs, newest first."""
     from rich.table import Table
-    from rich.text import Text
 
     from detox_tui.pipeline.store import RunStore
 
@@ -982,21 +989,17 @@ def runs_list(
         _print_json({"runs": runs})
         return
     if not runs:
-        console.print(f"no runs yet in {store.path}")
+        console.print(plain(f"no runs yet in {store.path}"))
         return
-    table = Table(title=f"Runs in {store.path}")
+    table = Table(title=plain(f"Runs in {store.path}"))
     table.add_column("id", no_wrap=True)
     for col in ("kind", "model", "status", "created", "prompts", "rows"):
         table.add_column(col)
     for r in runs:
         table.add_row(
-            r["id"],
-            r["kind"],
-            Text(r["model"]),
-            r["status"],
-            str(r["created"]),
-            str(r.get("n_prompts", "")),
-            str(r.get("n_rows", "")),
+            *(plain(r.get(k)) for k in ("id", "kind", "model", "status", "created")),
+            plain(r.get("n_prompts", "")),
+            plain(r.get("n_rows", "")),
         )
     console.print(table)
 
@@ -1008,7 +1011,6 @@ def runs_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a run's configuration, status, summary and result rows."""
-    from rich.text import Text
 
     from detox_tui.console import (
         ablation_table,
@@ -1027,11 +1029,9 @@ def runs_show(
     if as_json:
         _print_json({**run, "rows": store.rows(rid)})
         return
-    console.print(
-        Text.assemble((rid, "bold"), f" {run['kind']} on {run['model']} - {run['status']}"),
-    )
+    console.print(plain(rid, "bold") + plain(f" {run['kind']} on {run['model']} - {run['status']}"))
     if run.get("error"):
-        console.print(Text(f"error: {run['error']}", style="red"))
+        console.print(plain(f"error: {run['error']}", "red", one_line=False))
     if run["kind"] == "trace":
         rows = sorted(store.rows(rid, "trace"), key=lambda r: int(r["layer"]))
         summary = run.get("summary") or {}
@@ -1086,7 +1086,7 @@ def _export_run(
     run = store.get_run(run_id)
     target = path or Path(f"{run['id']}.{fmt}")
     for written in store.export_files(run["id"], target, fmt, columns=columns):
-        err.print(f"wrote {written}")
+        err.print(plain(f"wrote {written}"))
 
 
 FormatOpt = Annotated[
@@ -1211,7 +1211,7 @@ def demo(
     )
     if not as_json:
         how = f"built in {built.manifest['build_seconds']:.1f} s" if built.built else "cached"
-        err.print(f"demo model ({how}): {built.folder}", markup=False, highlight=False)
+        err.print(plain(f"demo model ({how}): {built.folder}"))
     if not headless:
         from detox_tui.app import DetoxApp
 
@@ -1258,7 +1258,9 @@ def demo(
     console.print(edit_table(result.rows))
     for line in summary_lines(result.summary):
         console.print(line)
-    console.print(f"run {result.run_id} (detox-tui runs show {result.run_id}); open the app: detox-tui demo")
+    console.print(
+        plain(f"run {result.run_id} (detox-tui runs show {result.run_id}); open the app: detox-tui demo")
+    )
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -1369,7 +1371,7 @@ def _interrupted_line(exc: BaseException | None) -> None:
         )
     else:
         line = "interrupted"
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(visible(line) + "\n")
     sys.stderr.flush()
 
 
@@ -1398,7 +1400,8 @@ class _sigterm_as_interrupt:
 
 def _error_line(message: str) -> None:
     """One line on stderr, never wrapped (scripts grep it)."""
-    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    # Messages can quote prompts, file names and file contents: controls, bidi and surrogates shown as escapes.
+    sys.stderr.write(f"error: {visible(' '.join(message.split()))}\n")
     sys.stderr.flush()
 
 
