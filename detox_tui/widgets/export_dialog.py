@@ -14,6 +14,7 @@ from textual.widgets import Button, Input, Label, Select
 
 from detox_tui.pipeline.results import FORMATS, suffix_format
 from detox_tui.pipeline.tables import COLUMN_CHOICES
+from detox_tui.text import plain
 
 COLUMN_LABELS = {"default": "for readers", "all": "every field"}
 
@@ -114,16 +115,16 @@ class ExportDialog(ModalScreen[ExportRequest | None]):
             return
         problem = clash(path, fmt)
         if problem:
-            warning.update(problem)
+            warning.update(plain(problem))
             self.notify(problem, severity="error")
             return
         target = Path(path).expanduser()
         if target.is_dir():
-            warning.update(f"{target} is a folder; type a file name.")
+            warning.update(plain(f"{target} is a folder; type a file name."))
             return
         if target.exists() and self._confirm_for != str(target):
             self._confirm_for = str(target)
-            warning.update(f"{target.name} exists: press Enter (or Overwrite) again to replace it.")
+            warning.update(plain(f"{target.name} exists: press Enter (or Overwrite) again to replace it."))
             self.query_one("#export-ok", Button).label = "Overwrite"
             return
         self.dismiss(ExportRequest(str(target), fmt, columns))
