@@ -256,6 +256,7 @@ async def test_the_app_shows_hostile_prompts_literally(hostile_file, tiny_model_
     from detox_tui.widgets.prompt_picker import PromptPicker
     from detox_tui.widgets.results_table import ResultsTable
     from detox_tui.widgets.run_log import RunLog
+    from detox_tui.widgets.trace_panel import TracePanel
     from tests.app_harness import set_input, wait_idle, wait_loaded
 
     app = DetoxApp(
@@ -302,6 +303,15 @@ async def test_the_app_shows_hostile_prompts_literally(hostile_file, tiny_model_
         detail = app.export_screenshot()
         assert no_raw(detail) and "\\x1b]0;pwned\\x07" in detail
         await pilot.press("escape")
+
+        # The trace fields prefilled from the highlighted prompt show escapes; the trace uses the exact text.
+        app.query_one("#prompt-list").highlighted = 1
+        app.query_one("#tabs").active = "trace"
+        await pilot.pause()
+        panel = app.query_one(TracePanel)
+        assert app.query_one("#trace-prompt").value == visible(PROMPTS[1])
+        assert panel.request().prompt == PROMPTS[1]
+        assert no_raw(app.export_screenshot())
 
         # Notifications and the run log: quoted text stays text.
         app.notify("prompt '[/] \x1b]0;pwned\x07' failed", title="[/bold]\x1b[2J", severity="error")
