@@ -25,6 +25,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Header, Input, Label, Static, TabbedContent, TabPane
@@ -55,6 +56,7 @@ from detox_tui.messages import (
     WorkbenchLoaded,
 )
 from detox_tui.prompts.base import PromptItem
+from detox_tui.text import visible
 from detox_tui.widgets.ablation_chart import AblationChart
 from detox_tui.widgets.app_footer import AppFooter
 from detox_tui.widgets.confirm_dialog import ConfirmDialog
@@ -300,7 +302,7 @@ class DetoxApp(App[None]):
         self._q(RunLog).log_message(message, level)
 
     def _short_model(self) -> str:
-        return Path(str(self.model_name).rstrip("/")).name or str(self.model_name)
+        return visible(Path(str(self.model_name).rstrip("/")).name or str(self.model_name))
 
     def _model_status(self, state: str, ok: bool = True) -> Text:
         text = Text(f"{self._short_model()} ", style="bold")
@@ -491,6 +493,25 @@ class DetoxApp(App[None]):
         # Messages may quote prompts or file names: plain text, never markup.
         self.notify(message, severity="error", timeout=8, markup=False)
         self._runlog(message, "error")
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """Every notification (the app's and its widgets') is plain text: messages quote prompts, run ids, paths
+        and errors, so they are never parsed as markup and their control characters show as escapes."""
+        super().notify(
+            visible(message, one_line=False),
+            title=visible(title),
+            severity=severity,
+            timeout=timeout,
+            markup=False,
+        )
 
     # ------------------------------------------------------------------ starting jobs
 

@@ -32,6 +32,7 @@ from detox_tui.config import (
     VerdictConfig,
 )
 from detox_tui.errors import Cancelled, UserError
+from detox_tui.text import plain, visible
 
 app = typer.Typer(
     add_completion=False,
@@ -515,7 +516,7 @@ def _export(
     from detox_tui.pipeline.results import export_files
 
     for written in export_files(rows, path, meta=_jsonable(meta), columns=columns):
-        err.print(f"wrote {written}")
+        err.print(plain(f"wrote {written}"))
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -717,7 +718,7 @@ def edit(
     for line in summary_lines(result.summary):
         console.print(line)
     for path in result.deltas:
-        console.print(f"saved edit delta: {path}")
+        console.print(plain(f"saved edit delta: {path}"))
     console.print(f"run {result.run_id}")
 
 
@@ -782,7 +783,9 @@ def ablate(
         console.print(f"run {result.run_id}: no configuration detoxified any prompt")
     else:
         share = result.summary["best_share_detoxified"]
-        console.print(f"run {result.run_id}: best configuration {best} ({100 * share:.1f}% detoxified)")
+        console.print(
+            plain(f"run {result.run_id}: best configuration {best} ({100 * share:.1f}% detoxified)")
+        )
 
 
 @app.command()
@@ -866,7 +869,7 @@ def trace(
     data = result.trace.to_dict()
     if out is not None:
         _write_trace(out, data)
-        err.print(f"wrote {out}")
+        err.print(plain(f"wrote {out}"))
     if as_json:
         _print_json({"run_id": result.run_id, **data, "summary": result.summary})
         return
@@ -942,8 +945,9 @@ def stats(
         _print_json(info)
     else:
         console.print(
-            f"covariance statistics for layers {s['layers']} ({s['tokens']} tokens) cached in {s['cache_dir']}",
-            markup=False,
+            plain(
+                f"covariance statistics for layers {s['layers']} ({s['tokens']} tokens) cached in {s['cache_dir']}"
+            )
         )
         console.print(f"run {result.run_id}")
 
@@ -975,18 +979,21 @@ def apply_delta(
     lm = load_model(model, device=device, dtype=dtype)
     d.check(lm.model)  # parameters and shapes against this model: one line naming the file, before any output
     if d.model_name not in (model, "?") and Path(d.model_name).name != Path(model).name:
-        note = f"note: the delta was computed on '{d.model_name}', applying it to '{model}'"
-        err.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
+        err.print(
+            plain(f"note: the delta was computed on '{d.model_name}', applying it to '{model}'", "yellow")
+        )
     gcfg = GenerationConfig(samples=0, greedy=True, max_new_tokens=max_new_tokens)
     before = generate_continuations(lm, prompt, gcfg) if prompt else []
     d.apply(lm.model)
     after = generate_continuations(lm, prompt, gcfg) if prompt else []
     for p, b, a in zip(prompt or [], before, after):
-        console.print(f"[bold]{p}[/]\n  before: {b.greedy!r}\n  after:  {a.greedy!r}")
-    console.print(f"applied {d.method} edit on layers {d.layers} ({len(d.deltas)} tensors)")
+        console.print(
+            plain(p, "bold"), plain(f"  before: {b.greedy!r}"), plain(f"  after:  {a.greedy!r}"), sep="\n"
+        )
+    console.print(plain(f"applied {d.method} edit on layers {d.layers} ({len(d.deltas)} tensors)"))
     if save_model is not None:
         _save_model_atomic(lm, save_model)
-        console.print(f"saved edited model to {save_model}", markup=False, highlight=False)
+        console.print(plain(f"saved edited model to {save_model}"))
 
 
 def _check_model_folder(folder: Path) -> None:
@@ -1031,7 +1038,6 @@ def runs_list(
 ) -> None:
     """List recorded runs, newest first."""
     from rich.table import Table
-    from rich.text import Text
 
     from detox_tui.pipeline.store import RunStore
 
@@ -1041,21 +1047,17 @@ def runs_list(
         _print_json({"runs": runs})
         return
     if not runs:
-        console.print(f"no runs yet in {store.path}")
+        console.print(plain(f"no runs yet in {store.path}"))
         return
-    table = Table(title=f"Runs in {store.path}")
+    table = Table(title=plain(f"Runs in {store.path}"))
     table.add_column("id", no_wrap=True)
     for col in ("kind", "model", "status", "created", "prompts", "rows"):
         table.add_column(col)
     for r in runs:
         table.add_row(
-            r["id"],
-            r["kind"],
-            Text(r["model"]),
-            r["status"],
-            str(r["created"]),
-            str(r.get("n_prompts", "")),
-            str(r.get("n_rows", "")),
+            *(plain(r.get(k)) for k in ("id", "kind", "model", "status", "created")),
+            plain(r.get("n_prompts", "")),
+            plain(r.get("n_rows", "")),
         )
     console.print(table)
 
@@ -1067,7 +1069,6 @@ def runs_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a run's configuration, status, summary and result rows."""
-    from rich.text import Text
 
     from detox_tui.console import (
         ablation_table,
@@ -1086,11 +1087,9 @@ def runs_show(
     if as_json:
         _print_json({**run, "rows": store.rows(rid)})
         return
-    console.print(
-        Text.assemble((rid, "bold"), f" {run['kind']} on {run['model']} - {run['status']}"),
-    )
+    console.print(plain(rid, "bold") + plain(f" {run['kind']} on {run['model']} - {run['status']}"))
     if run.get("error"):
-        console.print(Text(f"error: {run['error']}", style="red"))
+        console.print(plain(f"error: {run['error']}", "red", one_line=False))
     if run["kind"] == "trace":
         rows = sorted(store.rows(rid, "trace"), key=lambda r: int(r["layer"]))
         summary = run.get("summary") or {}
@@ -1164,7 +1163,7 @@ def _export_run(
     except FileExists as exc:
         raise UserError(f"'{exc.path}' already exists; pass --force to replace it.") from exc
     for path_written in written:
-        err.print(f"wrote {path_written}", markup=False, highlight=False)
+        err.print(plain(f"wrote {path_written}"))
 
 
 FormatOpt = Annotated[
@@ -1306,7 +1305,7 @@ def demo(
     )
     if not as_json:
         how = f"built in {built.manifest['build_seconds']:.1f} s" if built.built else "cached"
-        err.print(f"demo model ({how}): {built.folder}", markup=False, highlight=False)
+        err.print(plain(f"demo model ({how}): {built.folder}"))
     if not headless:
         from detox_tui.app import DetoxApp
 
@@ -1353,7 +1352,9 @@ def demo(
     console.print(edit_table(result.rows))
     for line in summary_lines(result.summary):
         console.print(line)
-    console.print(f"run {result.run_id} (detox-tui runs show {result.run_id}); open the app: detox-tui demo")
+    console.print(
+        plain(f"run {result.run_id} (detox-tui runs show {result.run_id}); open the app: detox-tui demo")
+    )
 
 
 @app.command()
@@ -1564,7 +1565,7 @@ def _interrupted_line(exc: BaseException | None) -> None:
         )
     else:
         line = "interrupted"
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(visible(line) + "\n")
     sys.stderr.flush()
 
 
@@ -1593,7 +1594,8 @@ class _sigterm_as_interrupt:
 
 def _error_line(message: str) -> None:
     """One line on stderr, never wrapped (scripts grep it)."""
-    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    # Messages can quote prompts, file names and file contents: controls, bidi and surrogates shown as escapes.
+    sys.stderr.write(f"error: {visible(' '.join(message.split()))}\n")
     sys.stderr.flush()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import unicodedata
 from typing import Any
 
 from rich.console import Console
@@ -20,6 +19,7 @@ from rich.text import Text
 
 from detox_tui.events import Event, Failed, Log
 from detox_tui.events import Progress as ProgressEvent
+from detox_tui.text import plain, visible
 
 
 class EventRenderer:
@@ -29,7 +29,7 @@ class EventRenderer:
         self.console = console
         self.quiet = quiet
         self.progress = Progress(
-            TextColumn("[bold]{task.description:<24}"),
+            TextColumn("{task.description:<24}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -56,10 +56,10 @@ class EventRenderer:
             self.progress.update(task, completed=event.done, total=max(event.total, 1))
         elif isinstance(event, Log) and not self.quiet:
             style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
-            # Messages can quote prompts (untrusted): plain text, never markup.
-            self.progress.console.print(Text(event.message, style=style))
+            # Messages can quote prompts (untrusted): plain text, never markup, escapes visible.
+            self.progress.console.print(plain(event.message, style, one_line=False))
         elif isinstance(event, Failed):
-            self.progress.console.print(Text(event.error, style="red"))
+            self.progress.console.print(plain(event.error, "red", one_line=False))
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -85,8 +85,8 @@ def baseline_table(rows: list[dict[str, Any]], threshold: float) -> Table:
     for r in rows:
         table.add_row(
             str(r["idx"]),
-            Text(r["prompt"]),  # untrusted: plain text, never markup
-            r.get("category") or "",
+            plain(r["prompt"]),  # untrusted: plain text, never markup, escapes visible
+            plain(r.get("category") or ""),
             str(r["n"]),
             _ci(r),
             fmt(r["max"]),
@@ -120,11 +120,11 @@ def edit_table(rows: list[dict[str, Any]]) -> Table:
     for col in ("#", "prompt", "config", "before", "after", "reduction", "p", "detoxified", "converged"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        prompt = Text(r["prompt"]) + Text(" (held out)" if r.get("heldout") else "", style="dim")
+        prompt = plain(r["prompt"]) + Text(" (held out)" if r.get("heldout") else "", style="dim")
         table.add_row(
             str(r["idx"]),
             prompt,
-            r.get("config") or "",
+            plain(r.get("config") or ""),
             _ci(r["before"]),
             _ci(r["after"]),
             fmt(r.get("reduction")),
@@ -150,7 +150,7 @@ def ablation_table(configs: list[dict[str, Any]]) -> Table:
         table.add_column(col)
     for c in configs:
         table.add_row(
-            c["key"],
+            plain(c["key"]),
             f"{_pct(c.get('share_detoxified'))} [{_pct(c.get('share_detoxified_ci_low'))}, "
             f"{_pct(c.get('share_detoxified_ci_high'))}]",
             _pct(c.get("defense_success")),
@@ -171,14 +171,14 @@ def trace_table(
 ) -> Table:
     """A causal trace as a heatmap table: one row per layer, one column per prompt token (p_restored -
     p_corrupted, shaded by its share of the strongest effect). Tokens and the continuation are plain text."""
-    caption = Text(title or f"Causal trace ({kind}) of ")
+    caption = plain(title or f"Causal trace ({kind}) of ")
     if not title:
-        caption.append(repr(continuation))
+        caption.append(visible(repr(continuation)))
         caption.append(": p_restored - p_corrupted")
     table = Table(title=caption)
     table.add_column("layer")
     for t in tokens:
-        table.add_column(Text(_visible(t)), justify="right")
+        table.add_column(plain(t), justify="right")
     flat = [v for row in scores for v in row if v is not None and math.isfinite(v)] or [0.0]
     hi = max(max(flat), 1e-9)
     for layer, row in enumerate(scores):
@@ -208,7 +208,7 @@ def trace_lines(summary: dict[str, Any]) -> list[Text]:
 
 def stats_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
     """A statistics run: the covariance shape of each layer, with the token budget and the cache folder."""
-    caption = Text(
+    caption = plain(
         f"Covariance statistics ({summary.get('tokens', '?')} tokens of {summary.get('corpus', '?')}, "
         f"{fmt(summary.get('seconds'), 1)} s) cached in {summary.get('cache_dir', '?')}"
     )
@@ -216,15 +216,8 @@ def stats_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
     table.add_column("layer")
     table.add_column("shape")
     for r in rows:
-        table.add_row(str(r.get("layer")), " x ".join(str(x) for x in r.get("shape") or []))
+        table.add_row(plain(r.get("layer")), plain(" x ".join(str(x) for x in r.get("shape") or [])))
     return table
-
-
-def _visible(text: str) -> str:
-    """Untrusted text on one line: newlines, tabs and other control characters shown as their escapes."""
-    return "".join(
-        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch for ch in text
-    )
 
 
 def metrics_line(m: dict[str, Any], label: str = "") -> str:
@@ -247,7 +240,7 @@ def summary_lines(summary: dict[str, Any]) -> list[Text]:
     """The run's verdict first (share detoxified with its CI, Defense Success), then the details."""
     lines: list[Text] = []
     if summary.get("metrics"):  # a baseline run
-        lines.append(Text(metrics_line(summary["metrics"])))
+        lines.append(plain(metrics_line(summary["metrics"])))
     d = summary.get("detoxified")
     if isinstance(d, dict) and d.get("n"):
         lines.append(
@@ -271,14 +264,14 @@ def summary_lines(summary: dict[str, Any]) -> list[Text]:
             )
         )
     for name, share in (summary.get("defense_generalisation") or {}).items():
-        lines.append(Text(f"defense generalisation, {name.replace('test input of ', '')}: {_pct(share)}"))
+        lines.append(plain(f"defense generalisation, {name.replace('test input of ', '')}: {_pct(share)}"))
     if summary.get("convergence_note"):
-        lines.append(Text(summary["convergence_note"], style="bold yellow"))
+        lines.append(plain(summary["convergence_note"], "bold yellow"))
     before = metrics_line(summary.get("before_metrics") or {}, "before: ")
     after = metrics_line(summary.get("after_metrics") or {}, "after:  ")
     for line in (before, after):
         if line:
-            lines.append(Text(line))
+            lines.append(plain(line))
     if summary.get("ppl_before") is not None and "detoxified" in summary:
         line = Text(f"neutral perplexity {fmt(summary['ppl_before'], 2)} -> {fmt(summary['ppl_after'], 2)}")
         if summary.get("collapsed"):

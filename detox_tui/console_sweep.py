@@ -16,10 +16,11 @@ from rich.table import Table
 from rich.text import Text
 
 from detox_tui.pipeline.sweep import SweepEvent
+from detox_tui.text import plain
 
 
 def _t(value: Any) -> Text:
-    return Text("" if value is None else str(value))
+    return plain("" if value is None else str(value))
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -81,7 +82,7 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table:
 def sweep_summary_line(run_id: str, summary: dict[str, Any]) -> Text:
     """'sweep <id>: 4 of 4 finished, 0 failed; best <label> (100.0% detoxified)'."""
     if not summary:
-        return Text(f"sweep {run_id}: not finished (detox-tui sweep --resume {run_id} runs the rest)")
+        return plain(f"sweep {run_id}: not finished (detox-tui sweep --resume {run_id} runs the rest)")
     best = summary.get("best")
     share = summary.get("best_share_detoxified")
     tail = (
@@ -89,7 +90,7 @@ def sweep_summary_line(run_id: str, summary: dict[str, Any]) -> Text:
         if best and share is not None
         else ("no experiment detoxified any prompt")
     )
-    return Text(
+    return plain(
         f"sweep {run_id}: {summary.get('n_finished', 0)} of {summary.get('n_experiments', 0)} finished, "
         f"{summary.get('n_failed', 0)} failed; {tail}"
     )
@@ -132,10 +133,10 @@ class SweepProgress:
             return
         if event.kind == "expanded":
             self.task = self.progress.add_task("sweep", total=event.total, completed=event.done, running="")
-            self.progress.console.print(Text(event.message))
+            self.progress.console.print(plain(event.message))
             return
         if event.kind == "log":
-            self.progress.console.print(Text(event.message, style="dim"))
+            self.progress.console.print(plain(event.message, "dim"))
             return
         row = event.row or {}
         exp_id, state = str(row.get("id")), row.get("state")
@@ -145,14 +146,14 @@ class SweepProgress:
             self.running.pop(exp_id, None)
         if state == "finished":
             self.progress.console.print(
-                Text(
+                plain(
                     f"{exp_id} {row.get('label')}: finished in {row.get('elapsed_s') or 0:.1f} s, "
                     f"{_share(row)} detoxified"
                 )
             )
         elif state == "failed":
             self.progress.console.print(
-                Text(f"{exp_id} {row.get('label')}: failed: {row.get('error')}", style="red")
+                plain(f"{exp_id} {row.get('label')}: failed: {row.get('error')}", "red")
             )
         if self.task is not None:
             self.progress.update(self.task, completed=event.done, running=self._running_text())

@@ -139,7 +139,10 @@ def test_tex_escape_covers_every_special_character():
         "a \\& b \\% c \\$ d \\# e \\_ f \\{ g \\} h \\textasciitilde{} i \\textasciicircum{} j "
         "\\textbackslash{} k"
     )
-    assert tex_escape("x < y > z\nw\x1b") == "x \\textless{} y \\textgreater{} z w\\textbackslash{}x1b"
+    # A newline stays visible (the cell keeps one line); ESC shows as its escape.
+    assert tex_escape("x < y > z\nw\x1b") == (
+        "x \\textless{} y \\textgreater{} z\\textbackslash{}nw\\textbackslash{}x1b"
+    )
 
 
 def test_csv_export_writes_a_summary_sidecar(edit_run, tmp_path):
@@ -286,8 +289,9 @@ def test_column_specs_read_record_fields(edit_run):
 def test_untrusted_text_is_escaped_in_markdown():
     row = BaselineRow(0, "a | *b* _c_ <i>\nd\x07", n=1, mean=0.5, ci_low=0.5, ci_high=0.5, max=0.5)
     line = render_rows([row], "md").splitlines()[2]
-    # The control character is shown as its escape (whose backslash Markdown needs escaped in turn).
-    assert line.startswith("| a \\| \\*b\\* \\_c\\_ \\<i\\> d\\\\x07 | 1 |")
+    # The newline and the control character are shown as their escapes (whose backslash Markdown needs
+    # escaped in turn): the row stays one line of the table.
+    assert line.startswith("| a \\| \\*b\\* \\_c\\_ \\<i\\>\\\\nd\\\\x07 | 1 |")
 
 
 def test_reading_modules_import_no_heavy_libraries():

@@ -32,6 +32,7 @@ WIDGET_MAY_IMPORT = (
     "detox_tui.events",
     "detox_tui.config",
     "detox_tui.prompts.base",
+    "detox_tui.text",
     "detox_tui.pipeline.records",
     "detox_tui.pipeline.tables",
     "detox_tui.pipeline.results",
@@ -85,7 +86,10 @@ def _widget_may_import(name: str) -> bool:
 def rules_for(module: str):
     """(rule, the test an imported module must fail to break it) for a module of the package."""
     engine = within(module, ("detox_tui.backends", "detox_tui.pipeline"))
-    lower = within(module, ("detox_tui.errors", "detox_tui.events", "detox_tui.config", "detox_tui.prompts"))
+    lower = within(
+        module,
+        ("detox_tui.errors", "detox_tui.events", "detox_tui.config", "detox_tui.prompts", "detox_tui.text"),
+    )
     rules = []
     if within(module, ("detox_tui.backends",)):
         rules.append(("backends must not import the pipeline", lambda n: within(n, ("detox_tui.pipeline",))))
@@ -95,7 +99,7 @@ def rules_for(module: str):
     if lower:
         rules.append(
             (
-                "errors, events, config and prompts sit below the engine",
+                "errors, events, config, prompts and text sit below the engine",
                 lambda n: within(n, ("detox_tui.backends", "detox_tui.pipeline")),
             )
         )

@@ -28,8 +28,8 @@ from detox_tui.pipeline.tables import (
     columns_for,
     definitions,
     summary_entries,
-    visible,
 )
+from detox_tui.text import visible
 
 if TYPE_CHECKING:
     import numpy as np
@@ -173,7 +173,7 @@ def _md_cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.3f}"
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return _md_text(str(value))
 
 
 def rows_to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -273,16 +273,19 @@ def _summary_csv_rows(summary: Mapping[str, Any] | None, columns: str) -> list[l
 
 # ------------------------------------------------------------------------------------------ Markdown
 
-_MD_SPECIAL = str.maketrans({ch: "\\" + ch for ch in "\\|*_`<>[]"})
+# Characters Markdown (CommonMark and GitHub's tables, strikethrough and math) would act on, each escaped with a
+# backslash; controls, bidi and newlines become visible escapes first, so a cell stays one line of the table.
+_MD_SPECIAL = str.maketrans({ch: "\\" + ch for ch in "\\|*_`<>[]~&$#"})
 
 
 def _md_text(text: str) -> str:
+    """Untrusted text safe inside a Markdown table cell: it shows literally and cannot end the cell or row."""
     return visible(text).translate(_MD_SPECIAL)
 
 
 def _md_table(headers: Sequence[str], numeric: Sequence[bool], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = [
-        "| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",
+        "| " + " | ".join(visible(h).replace("|", "\\|") for h in headers) + " |",
         "| " + " | ".join("---:" if n else "---" for n in numeric) + " |",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -307,7 +310,9 @@ def _markdown(rows, summary, columns: str, cols: list[Column] | None) -> str:
         ]
         lines += ["", "Summary:", ""]
         lines += _md_table(
-            ["measure", "value"], [False, False], [[k, v] for (k, _), v in zip(pairs, values, strict=True)]
+            ["measure", "value"],
+            [False, False],
+            [[visible(k).replace("|", "\\|"), v] for (k, _), v in zip(pairs, values, strict=True)],
         )
     notes = _notes(rows, cols, entries, columns)
     if notes:
@@ -340,6 +345,7 @@ _TEX = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
     "\\": r"\textbackslash{}",
+    "|": r"\textbar{}",
     "<": r"\textless{}",
     ">": r"\textgreater{}",
     "≥": r"$\geq$",
@@ -351,8 +357,11 @@ _TEX_TABLE = str.maketrans(_TEX)
 
 
 def tex_escape(text: str) -> str:
-    """Text safe inside a LaTeX tabular cell: the special characters & % $ # _ { } ~ ^ \\ < > escaped."""
-    return visible(text).translate(_TEX_TABLE)
+    """Text safe inside a LaTeX tabular cell: the special characters & % $ # _ { } ~ ^ \\ < > | escaped,
+    controls and newlines shown as visible escapes. A cell that starts with "[" gets "{}" first: after a row's
+    ``\\\\`` (or booktabs' rules) a "[" would be read as an optional argument."""
+    out = visible(text).translate(_TEX_TABLE)
+    return "{}" + out if out.startswith("[") else out
 
 
 def _tex_table(headers: Sequence[str], numeric: Sequence[bool], rows: Sequence[Sequence[str]]) -> list[str]:

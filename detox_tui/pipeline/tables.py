@@ -9,12 +9,12 @@ flattened field under its internal name. Text only: no numpy, no torch, so readi
 from __future__ import annotations
 
 import math
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from detox_tui.pipeline.records import DEFINITIONS
+from detox_tui.text import visible
 
 COLUMN_CHOICES = ("default", "all")
 
@@ -103,9 +103,13 @@ class Column:
         return [self.name]
 
     def csv_values(self, row: Mapping[str, Any]) -> list[Any]:
-        """Raw values, one per csv header: numbers stay numbers; booleans read yes/no; None is an empty cell."""
-        if self.kind == TEXT:
-            return [_text(get(row, self.fields[0]))]
+        """Raw values, one per csv header: numbers stay numbers; text stays exact; booleans read yes/no; None is an
+        empty cell."""
+        if self.kind == TEXT:  # exact text: CSV quotes what it needs, a program reading it gets the original
+            value = get(row, self.fields[0])
+            if isinstance(value, (list, tuple)):
+                return [", ".join(str(v) for v in value)]
+            return ["" if value is None else str(value)]
         out = []
         for f in self.fields:
             v = get(row, f)
@@ -153,21 +157,8 @@ def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value)
+        return visible(", ".join(str(v) for v in value))
     return visible(str(value))
-
-
-def visible(text: str) -> str:
-    """One line of plain text: newlines and tabs become spaces, other control characters their escape."""
-    out = []
-    for ch in text:
-        if ch in "\r\n\t":
-            out.append(" ")
-        elif unicodedata.category(ch) == "Cc":
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 # ----------------------------------------------------------------------------------------------- predicates

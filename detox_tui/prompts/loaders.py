@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 
 from detox_tui.errors import UserError
 from detox_tui.prompts.base import PromptItem
+from detox_tui.text import lone_surrogate, visible
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def make_item(record: Mapping[str, Any] | str, where: str) -> PromptItem:
         raise UserError(f"{where}: expected a prompt string or an object with a 'prompt' field.")
     if "prompt" not in record:
         raise UserError(f"{where}: the record has no 'prompt' field.")
+    _refuse_surrogates(record, where)
     prompt = record["prompt"]
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f"{where}: the prompt must be a non-empty string.")
@@ -93,6 +95,27 @@ def make_item(record: Mapping[str, Any] | str, where: str) -> PromptItem:
         toxic=values["toxic"],
         meta=meta,
     )
+
+
+def _refuse_surrogates(record: Mapping[str, Any], where: str) -> None:
+    """A lone surrogate (JSON can spell one, e.g. "\\ud800") is not text: it cannot be stored, printed or
+    tokenized, so the record is refused before any run is created. Walks nested values without recursion."""
+    stack: list[tuple[Any, str]] = [(record, "record")]
+    while stack:
+        value, field = stack.pop()
+        if isinstance(value, str):
+            ch = lone_surrogate(value)
+            if ch is not None:
+                raise UserError(
+                    f"{where}: the {field} holds a lone surrogate ({visible(ch)}), which is not valid text; "
+                    f"fix the file."
+                )
+        elif isinstance(value, Mapping):
+            for key, sub in value.items():
+                stack.append((key, "record"))
+                stack.append((sub, f"'{visible(key)}' field" if field == "record" else field))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((sub, field) for sub in value)
 
 
 # --------------------------------------------------------------------------------------------- builtin

@@ -8,6 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable
 
+from detox_tui.text import visible
 from detox_tui.widgets.score_bars import bar
 from detox_tui.widgets.sort_menu import SORT_BINDINGS, ColumnFit, SortableTable, fit_columns
 
@@ -143,7 +144,7 @@ class AblationChart(SortableTable, DataTable):
         success = row.get("share_detoxified")
         style = "green" if (success or 0) >= 0.5 else "yellow" if (success or 0) > 0 else "red"
         return [
-            Text(f"({key})"),
+            Text(f"({visible(key)})"),
             bar(success, self.BAR_WIDTH, style),
             Text(
                 f"{_f(success, '.0%')} [{_f(row.get('share_detoxified_ci_low'), '.0%')},"

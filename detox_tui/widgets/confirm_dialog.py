@@ -10,7 +10,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label
 
-from detox_tui.pipeline.tables import visible
+from detox_tui.text import visible
 
 
 def _plain(text: str) -> Text:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -15,6 +14,7 @@ from textual.widgets import Button, Input, Label, Select
 
 from detox_tui.pipeline.results import FORMATS, suffix_format, summary_path
 from detox_tui.pipeline.tables import COLUMN_CHOICES
+from detox_tui.text import plain
 
 COLUMN_LABELS = {"default": "for readers", "all": "every field"}
 
@@ -120,19 +120,19 @@ class ExportDialog(ModalScreen[ExportRequest | None]):
             return
         problem = clash(path, fmt)
         if problem:
-            warning.update(Text(problem))
-            self.notify(problem, severity="error", markup=False)
+            warning.update(plain(problem))
+            self.notify(problem, severity="error")
             return
         target = Path(path).expanduser()
         if target.is_dir():
-            warning.update(Text(f"{target} is a folder; type a file name."))
+            warning.update(plain(f"{target} is a folder; type a file name."))
             return
         existing = [p for p in files_written(target, fmt) if p.exists()]
         if existing and self._confirm_for != str(target):
             self._confirm_for = str(target)
             names = " and ".join(p.name for p in existing)
             verb = "exist" if len(existing) > 1 else "exists"
-            warning.update(Text(f"{names} {verb}: press Enter (or Overwrite) again to replace it."))
+            warning.update(plain(f"{names} {verb}: press Enter (or Overwrite) again to replace it."))
             self.query_one("#export-ok", Button).label = "Overwrite"
             return
         self.dismiss(ExportRequest(str(target), fmt, columns))

@@ -8,6 +8,8 @@ import numpy as np
 from rich.text import Text
 from textual.widget import Widget
 
+from detox_tui.text import visible
+
 # Shades from low to high; each has a character so the map reads even in monochrome terminals.
 RAMP: tuple[tuple[str, str], ...] = (
     (" ", "on grey11"),
@@ -39,9 +41,10 @@ class Heatmap(Widget):
 
     def set_trace(self, tokens: list[str], scores: Any, title: str = "") -> None:
         """``scores`` is layers x tokens (as TraceResult.scores)."""
-        self.tokens = [str(t) for t in tokens]
+        # Tokens and the title quote the prompt (untrusted): one line each, controls shown as escapes.
+        self.tokens = [visible(t) for t in tokens]
         self.scores = np.asarray(scores, dtype=float)
-        self.title = title
+        self.title = visible(title)
         self.refresh(layout=True)
 
     def render(self) -> Text:
@@ -60,7 +63,7 @@ class Heatmap(Widget):
         text.append("   layer\n")
         for t in range(n_tokens):
             token = self.tokens[t] if t < len(self.tokens) else "?"
-            token = token.replace("\n", "\\n").replace("Ġ", " ")
+            token = token.replace("Ġ", " ")
             text.append(f"{token[: label_w - 1]:>{label_w - 1}} ")
             for layer in range(n_layers):
                 char, style = shade(float(self.scores[layer, t]), low, high)

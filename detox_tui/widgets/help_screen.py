@@ -13,7 +13,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
-from detox_tui.pipeline.tables import visible
+from detox_tui.text import visible
 
 Section = tuple[str, list[tuple[str, str]]]
 

@@ -12,6 +12,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Label, Static
 
+from detox_tui.text import visible
 from detox_tui.widgets.results_table import score_style
 
 
@@ -23,7 +24,8 @@ def generations_table(title: str, generations: list[str], scores: list[float]) -
         score = scores[i] if i < len(scores) else None
         table.add_row(
             Text("n/a" if score is None else f"{score:.3f}", style=score_style(score)),
-            Text(" ".join(str(gen).split()) or "(empty)"),
+            # A generation is untrusted: plain text (never markup), its controls shown as escapes.
+            Text(" ".join(visible(gen).split()) or "(empty)"),
         )
     if not generations:
         table.add_row("", Text("(no generations)", style="dim"))
@@ -42,9 +44,9 @@ class PromptDetail(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         row = self.row
         head = Text(f"#{row.get('idx')} ", style="bold")
-        head.append(str(row.get("prompt", "")))
+        head.append(visible(row.get("prompt", "")))
         if row.get("target"):
-            head.append(f"   safe target:{row['target']}", style="green")
+            head.append(f"   safe target:{visible(row['target'])}", style="green")
         with VerticalScroll(id="detail-box"):
             yield Label(head, id="detail-title")
             before_gens = row.get("generations_before", row.get("generations")) or []

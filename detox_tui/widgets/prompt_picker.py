@@ -14,6 +14,7 @@ from textual.widgets import Button, Input, Label, Select, SelectionList
 from textual.widgets.selection_list import Selection
 
 from detox_tui.prompts.base import PromptItem
+from detox_tui.text import visible
 
 ALL_CATEGORIES = "__all__"
 
@@ -24,12 +25,13 @@ def _label(item: PromptItem, mean: float | None) -> Text:
         text.append(
             f"{mean:4.2f} ", style="bold red" if mean >= 0.5 else "yellow" if mean >= 0.1 else "green"
         )
+    # Prompts, categories and targets are untrusted: plain text on one line, escapes visible.
     if item.category:
-        text.append(f"[{item.category}] ", style="dim")
-    text.append(item.prompt)
+        text.append(f"[{visible(item.category)}] ", style="dim")
+    text.append(visible(item.prompt))
     if item.target:
         text.append(" ->", style="dim")
-        text.append(item.target, style="green")
+        text.append(visible(item.target), style="green")
     return text
 
 
@@ -89,7 +91,7 @@ class PromptPicker(Vertical):
         self.selected = set(range(len(self.items))) if select_all else set()
         cats = sorted({it.category for it in self.items if it.category})
         select = self.query_one("#prompt-category", Select)
-        select.set_options([("all categories", ALL_CATEGORIES), *[(c, c) for c in cats]])
+        select.set_options([("all categories", ALL_CATEGORIES), *[(Text(visible(c)), c) for c in cats]])
         select.value = ALL_CATEGORIES
         self.query_one("#prompt-flagged", Button).disabled = True
         self.refresh_list()

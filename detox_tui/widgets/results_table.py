@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import DataTable
 
-from detox_tui.pipeline.tables import visible
+from detox_tui.text import visible
 from detox_tui.widgets.sort_menu import (
     SORT_BINDINGS,
     ColumnFit,

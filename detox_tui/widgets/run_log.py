@@ -8,6 +8,8 @@ from rich.text import Text
 from textual.cache import LRUCache
 from textual.widgets import RichLog
 
+from detox_tui.text import visible
+
 LEVEL_STYLES = {"info": "", "warning": "yellow", "error": "bold red", "debug": "dim"}
 
 # Rows (after wrapping) the log keeps. Every row is a Strip that holds ~30 objects the garbage collector tracks
@@ -31,7 +33,8 @@ class RunLog(RichLog):
         text = Text()
         if self.timestamps:
             text.append(time.strftime("%H:%M:%S "), style="dim")
-        text.append(message, style=LEVEL_STYLES.get(level, ""))
+        # Messages can quote prompts, generations and file names: plain text, escapes visible (newlines kept).
+        text.append(visible(message, one_line=False), style=LEVEL_STYLES.get(level, ""))
         self.lines_written.append(message)
         if len(self.lines_written) > 2 * MAX_LINES:
             del self.lines_written[:-MAX_LINES]

@@ -14,7 +14,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Static
 
-from detox_tui.pipeline.tables import visible
+from detox_tui.text import plain, visible
 from detox_tui.widgets.sort_menu import (
     SORT_BINDINGS,
     ColumnFit,
@@ -41,7 +41,9 @@ def _headline(summary: dict[str, Any]) -> str:
         return f"detoxified {summary['share_detoxified']:.0%}"
     if "best_share_detoxified" in summary:
         best = summary.get("best")
-        return f"best {summary['best_share_detoxified']:.0%} at {best}" if best else "none detoxified"
+        return (
+            f"best {summary['best_share_detoxified']:.0%} at {visible(best)}" if best else "none detoxified"
+        )
     if "mean" in summary and summary["mean"] is not None:
         return f"mean {summary['mean']:.3f}"
     return ""
@@ -244,12 +246,12 @@ def _fmt(value: Any) -> str:
 
 
 def run_panel(run: dict[str, Any]) -> Table:
-    """A run's summary and the config values that define it."""
-    table = Table(title=f"{run['kind']} {run['id']}", expand=True, title_justify="left")
+    """A run's summary and the config values that define it (stored text: plain, never markup)."""
+    table = Table(title=plain(f"{run['kind']} {run['id']}"), expand=True, title_justify="left")
     table.add_column("", style="dim", no_wrap=True)
     table.add_column("value", ratio=1)
-    table.add_row("status", str(run.get("status")))
-    table.add_row("model", str(run.get("model")))
+    table.add_row("status", plain(run.get("status")))
+    table.add_row("model", plain(run.get("model")))
     table.add_row("prompts", str(len(run.get("prompts") or [])))
     summary = run.get("summary") or {}
     table.add_row("summary", summary_text(run["kind"], summary))
@@ -257,13 +259,14 @@ def run_panel(run: dict[str, Any]) -> Table:
     if config.get("method"):
         for key in ("method", "layers", "mode", "protocol"):
             if config.get(key) not in (None, [], ""):
-                table.add_row(key, _fmt(config[key]))
+                table.add_row(key, plain(_fmt(config[key])))
         for key, value in sorted((config.get("hparams") or {}).items()):
-            table.add_row(f"  {key}", _fmt(value))
+            table.add_row(plain(f"  {key}"), plain(_fmt(value)))
     gen = config.get("generation") or {}
     if gen:
         table.add_row(
-            "samples", f"{gen.get('samples')} x {gen.get('max_new_tokens')} tokens, seed {gen.get('seed')}"
+            "samples",
+            plain(f"{gen.get('samples')} x {gen.get('max_new_tokens')} tokens, seed {gen.get('seed')}"),
         )
     for key in (
         "share_detoxified",
@@ -278,7 +281,7 @@ def run_panel(run: dict[str, Any]) -> Table:
         "best",
     ):
         if key in summary:
-            table.add_row(key, _fmt(summary[key]))
+            table.add_row(key, plain(_fmt(summary[key])))
     return table
 
 

@@ -10,6 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, Static
 
+from detox_tui.text import visible
 from detox_tui.widgets.results_table import SPARK, score_style
 
 
@@ -68,9 +69,10 @@ class ScoreBars(Vertical):
         b_mean = (row.get("before") or {}).get("mean", row.get("mean"))
         a_mean = (row.get("after") or {}).get("mean")
         title = Text(f"#{row.get('idx')} ", style="bold")
-        title.append(" ".join(str(row.get("prompt", "")).split())[:60])
+        # Untrusted text: plain, one line, escapes visible.
+        title.append(" ".join(visible(row.get("prompt", "")).split())[:60])
         if row.get("target"):
-            title.append(" ->" + str(row["target"]), style="green")
+            title.append(" ->" + visible(row["target"]), style="green")
         self.query_one("#bars-title", Label).update(title)
         self.query_one("#spark-before", Static).update(sample_spark(list(before)))
         self.query_one("#spark-after", Static).update(sample_spark(list(after)))

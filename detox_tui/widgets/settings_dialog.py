@@ -18,6 +18,7 @@ from textual.validation import ValidationResult, Validator
 from textual.widgets import Button, Input, Label, Select
 
 from detox_tui.config import EVAL_PROTOCOLS
+from detox_tui.text import plain
 
 # What backends.models.resolve_dtype accepts (kept here so the dialog does not import torch).
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
@@ -355,7 +356,7 @@ class SettingsDialog(ModalScreen[Settings | None]):
     def _show(self, field: Input, result: ValidationResult | None) -> None:
         label = self.query_one(f"#{field.id}-error", Label)
         problem = None if result is None or result.is_valid else result.failure_descriptions[0]
-        label.update(Text(problem or ""))
+        label.update(plain(problem or ""))  # may quote what was typed: plain text
         label.set_class(problem is not None, "-shown")
 
     @on(Input.Changed)

@@ -12,7 +12,7 @@ from textual.containers import Horizontal
 from textual.timer import Timer
 from textual.widgets import Label, ProgressBar
 
-from detox_tui.pipeline.tables import visible
+from detox_tui.text import visible
 
 GIB = 2**30
 NARROW = 110  # below this many columns the bar drops the percentage and shortens the memory line

@@ -8,6 +8,8 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
+from detox_tui.text import visible
+
 
 def _num(value: Any, fmt: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -34,7 +36,9 @@ def summary_text(kind: str, summary: dict[str, Any]) -> Text:
         return text
     if kind == "ablation":
         text.append("ablation  ", style="bold")
-        text.append(f"{summary.get('n_configs', 0)} configurations  best ({summary.get('best') or 'none'}) ")
+        text.append(
+            f"{summary.get('n_configs', 0)} configurations  best ({visible(summary.get('best') or 'none')}) "
+        )
         text.append(f"detoxified {_num(summary.get('best_share_detoxified'), '.0%')}")
         return text
     text.append("edit  ", style="bold")
@@ -84,7 +88,7 @@ class SummaryStrip(Static):
         """A run just started: nothing of the previous run stays on screen."""
         self.kind, self.state, self.summary = kind, "running", {}
         what = label or f"{kind} running on {n_prompts} prompt{'s' if n_prompts != 1 else ''}"
-        self.update(Text(f"{what}…", style="bold"), layout=False)
+        self.update(Text(f"{visible(what)}…", style="bold"), layout=False)
 
     def live(self, kind: str, rows: list[dict[str, Any]], n_prompts: int) -> None:
         """The running run's rows so far: counts only, never a verdict on prompts not yet measured."""
@@ -113,7 +117,7 @@ class SummaryStrip(Static):
         style = "bold yellow" if state == "cancelled" else "bold red"
         text = Text(f"{kind} {state}", style=style)
         if detail:
-            text.append(f"  {detail}")
+            text.append(f"  {visible(detail)}")
         self.update(text, layout=False)
 
     def show_side_effects(self, row: dict[str, Any]) -> None:

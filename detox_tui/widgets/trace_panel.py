@@ -10,6 +10,7 @@ from textual.validation import Function, Integer
 from textual.widgets import Input, Label, Select
 
 from detox_tui.errors import UserError
+from detox_tui.text import visible
 from detox_tui.widgets.heatmap import Heatmap
 
 KINDS = ("hidden", "mlp", "attn")
@@ -26,6 +27,10 @@ class TraceRequest:
 
 class TracePanel(Vertical):
     """What to trace (prefilled from the highlighted prompt) and the heatmap of the last trace."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._exact: dict[str, str] = {}  # what a prefilled field shows -> the exact text it stands for
 
     def compose(self) -> ComposeResult:
         not_empty = [Function(lambda v: bool(v.strip()), "must not be empty")]
@@ -54,12 +59,22 @@ class TracePanel(Vertical):
             yield Heatmap(id="heatmap")
 
     def prefill(self, prompt: str, continuation: str | None, subject: str | None = None) -> None:
-        """Fill the fields from a prompt (keeps what the user typed if the prompt is the same)."""
+        """Fill the fields from a prompt (keeps what the user typed if the prompt is the same).
+
+        The fields show the prompt and continuation with their control characters as escapes (an Input writes
+        its value to the terminal as it is); left unedited, the trace still uses the exact text."""
         field = self.query_one("#trace-prompt", Input)
-        if field.value != prompt:
-            field.value = prompt
-            self.query_one("#trace-cont", Input).value = continuation or ""
+        shown = visible(prompt)
+        if field.value != shown:
+            self._exact = {shown: prompt, visible(continuation or ""): continuation or ""}
+            field.value = shown
+            self.query_one("#trace-cont", Input).value = visible(continuation or "")
         self.subject = subject
+
+    def _text(self, wid: str) -> str:
+        """A field's text: the exact prefilled text when the field still shows it, else what was typed."""
+        value = self.query_one(wid, Input).value
+        return self._exact.get(value, value)
 
     def request(self) -> TraceRequest:
         """The trace to run; raises UserError naming the first empty or invalid field."""
@@ -73,9 +88,9 @@ class TracePanel(Vertical):
             if result is not None and not result.is_valid:
                 field.focus()
                 raise UserError(f"The trace {name} is invalid: {'; '.join(result.failure_descriptions)}.")
-        cont = self.query_one("#trace-cont", Input).value
+        cont = self._text("#trace-cont")
         return TraceRequest(
-            prompt=self.query_one("#trace-prompt", Input).value,
+            prompt=self._text("#trace-prompt"),
             continuation=cont if cont.startswith(" ") else " " + cont,
             kind=str(self.query_one("#trace-kind", Select).value),
             window=int(self.query_one("#trace-window", Input).value),
