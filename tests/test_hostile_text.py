@@ -241,6 +241,33 @@ def test_a_lone_surrogate_is_refused_naming_the_file_and_line_before_a_run(tmp_p
     assert RunStore.open(None).list_runs() == []  # refused before a run was created
 
 
+def test_an_edit_prompt_longer_than_the_context_is_refused_before_a_run(tiny_model_dir, tmp_path, capsys):
+    """A prompt that cannot fit the model's context with its target is one line before any work (it used to end
+    the edit with 'unexpected IndexError' after the whole before phase)."""
+    path = tmp_path / "long.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "long" + " neighbours" * 300, "target": " ok"}) + "\n", encoding="utf-8"
+    )
+    rc = main(
+        [
+            "edit",
+            "--method",
+            "ft",
+            "--layers",
+            "2",
+            "--model",
+            str(tiny_model_dir),
+            "--prompts",
+            str(path),
+            *RUN,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "tokens long with its continuation" in err and "reads at most 128 tokens" in err
+    assert RunStore.open(None).list_runs() == []
+
+
 # ------------------------------------------------------------------------------------------ the app
 
 

@@ -130,6 +130,37 @@ def _check_prompts(editor: type, cfg: ExperimentConfig, items: Sequence[PromptIt
             )
 
 
+# Room an edit needs beyond a prompt and its continuation: MEMIT/ROME's context-template prefixes (up to ~10
+# tokens). Generation needs none: it keeps the end of a prompt that would not leave room for the new tokens.
+_EDIT_ROOM = 16
+
+
+def _context_length(lm: Any) -> int | None:
+    config = getattr(getattr(lm, "model", None), "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_lengths(lm: Any, cfg: ExperimentConfig, items: Sequence[PromptItem]) -> None:
+    """A prompt with its target (or toxic continuation) must fit the model's context with room for the edit's
+    templates; otherwise the edit's forward passes would fail after the before phase."""
+    limit = _context_length(lm)
+    tokenizer = getattr(lm, "tokenizer", None)
+    if limit is None or tokenizer is None:
+        return
+    for item in items:
+        longest = max(item.target or "", item.toxic or "", key=len)
+        n = len(tokenizer(item.prompt + longest)["input_ids"])
+        if n + _EDIT_ROOM > limit:
+            raise UserError(
+                f"The prompt '{_short(item.prompt)}' is {n} tokens long with its continuation; {lm.name} reads at "
+                f"most {limit} tokens and an edit needs {_EDIT_ROOM} more for its templates: shorten it."
+            )
+
+
 def validate_edit(
     lm: Any,
     cfg: ExperimentConfig,
@@ -169,6 +200,7 @@ def validate_edit(
             "under per-prompt editing no edit covers them."
         )
     _check_prompts(editor, cfg, items, names)
+    _check_lengths(lm, cfg, [*items, *held])
     if ablation:
         if configs is None:
             layer_sets: list[list[int] | None] = list(
