@@ -152,8 +152,11 @@ class DetoxApp(App[None]):
         hparams: dict[str, Any] | None = None,
         run_settings: dict[str, Any] | None = None,
         ablation: list[list[int]] | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        # --trust-checkpoint: a scorer checkpoint that needs pickle is loaded (with a warning) instead of refused.
+        self.trust_checkpoint = trust_checkpoint
         if "TEXTUAL_ANIMATIONS" not in os.environ:
             # Over SSH every animation frame (the tab underline's slide) is a repaint down the wire, and while a job
             # runs it competes with the worker for the interpreter; TEXTUAL_ANIMATIONS=full brings them back.
@@ -536,7 +539,7 @@ class DetoxApp(App[None]):
         s = self.settings
         return ExperimentConfig(
             model=ModelConfig(name=self.model_name, device=s.device, dtype=s.dtype),
-            scoring=ScoringConfig(scorer=s.scorer),
+            scoring=ScoringConfig(scorer=s.scorer, trust_checkpoint=self.trust_checkpoint),
             prompts=self.prompts_source or "builtin",
             chat_template=s.chat_template,
         )

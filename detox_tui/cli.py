@@ -575,6 +575,7 @@ def main_callback(
         device=device,
         dtype=dtype,
         data_dir=str(data_dir) if data_dir else None,
+        trust_checkpoint=trust_checkpoint,
     ).run()
 
 

@@ -613,3 +613,39 @@ def test_an_unwritable_cache_folder_is_one_warning_and_the_statistics_are_still_
         assert len(data["rows"]) == 1 and data["deltas"] == []
     (warning,) = [r.getMessage() for r in caplog.records if "could not cache" in r.getMessage()]
     assert "layers 1, 2" in warning and str(stats_dir) in warning and "used for this run only" in warning
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("trust", [False, True], ids=["refused", "trusted"])
+async def test_the_app_follows_trust_checkpoint_for_a_scorer_that_needs_pickle(
+    tiny_model_dir, tiny_detoxify, tmp_path, trust
+):
+    """`detox-tui --trust-checkpoint` reaches the app: without it the pickled checkpoint is refused (the app says
+    why and traces still work), with it the scorer loads."""
+    from app_harness import wait_for
+
+    from detox_tui.app import DetoxApp
+
+    checkpoint, config_dir = tiny_detoxify
+    pickled = _benign_pickle_checkpoint(checkpoint, tmp_path / "pickled.ckpt")
+    app = DetoxApp(
+        model=str(tiny_model_dir),
+        scorer=f"detoxify:{pickled}@{config_dir}",
+        device="cpu",
+        dtype="float32",
+        trust_checkpoint=trust,
+    )
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(
+            pilot, lambda: app.workbench is not None or app.load_error is not None, 90, "the model"
+        )
+        assert app.load_error is None
+        if trust:
+            assert app.workbench.scorer is not None and app.workbench.scorer_error is None
+        else:
+            assert app.workbench.scorer is None and "--trust-checkpoint" in app.workbench.scorer_error
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
