@@ -233,6 +233,8 @@ def test_a_signal_cancels_the_run_and_prints_how_to_resume(tmp_path, tiny_model_
         "profanity",
         "--samples",
         "5000",
+        "--batch-size",  # one prompt's 5000 samples at a time: well inside the memory check on a small runner
+        "1",
         "--max-new-tokens",
         "20",
         "--device",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from detox_tui.events import (
     null_callback,
 )
 from detox_tui.pipeline.checks import mean_logp, probe_check, request_checks, request_logps
-from detox_tui.pipeline.generation import PromptGenerations, generate_continuations
+from detox_tui.pipeline.generation import PromptGenerations, check_generation, generate_continuations
 from detox_tui.pipeline.metrics import summarize
 from detox_tui.pipeline.records import (
     AblationRow,
@@ -45,7 +46,7 @@ from detox_tui.pipeline.records import (
 from detox_tui.pipeline.results import baseline_row
 from detox_tui.pipeline.side_effects import compare_side_effects, measure_reference, ngram_entropy
 from detox_tui.pipeline.store import RunStore
-from detox_tui.pipeline.validation import ValidatedEdit, resolve_hparams, validate_edit
+from detox_tui.pipeline.validation import ValidatedEdit, check_corpora, resolve_hparams, validate_edit
 from detox_tui.pipeline.verdicts import edit_summary, field_metrics, prompt_verdict
 from detox_tui.prompts.base import PromptItem
 
@@ -247,33 +248,43 @@ def _generate_and_score(
     emit: EventCallback,
     cancel: threading.Event | None,
     on_chunk: Callable[[int, list[PromptGenerations], list[dict[str, np.ndarray]]], None] | None = None,
+    first: int = 0,
+    only: Sequence[int] | None = None,
 ) -> tuple[list[PromptGenerations], list[dict[str, np.ndarray]]]:
     """Generate and score in chunks so rows can be reported (and stored) as soon as they are ready.
 
-    Each chunk uses a seed derived from the run seed and the chunk's first prompt index, so results do not depend on
-    which chunks ran before (resume) and the before/after passes use the same random stream layout.
+    Chunks are ``batch_size`` consecutive prompts starting at multiples of it; ``items[0]`` is prompt ``first`` of
+    the run. Each chunk's seed derives from the run seed and the absolute index of its first prompt, so a chunk's
+    numbers depend only on (seed, its prompts), never on what ran before. ``only`` (chunk starts, relative to
+    ``items``) generates just those chunks, whole: a resumed run regenerates each chunk that holds a missing prompt
+    with the same batch and seed as an uninterrupted run, so its rows are identical bit for bit. Before and after an
+    edit, a chunk uses the same seed (common random numbers for the paired comparison).
     """
     prompts = [it.prompt for it in items]
     chunk = max(1, cfg.generation.batch_size)
+    starts = [s for s in range(0, len(prompts), chunk) if only is None or s in set(only)]
+    total = sum(len(prompts[s : s + chunk]) for s in starts)
+    done = 0
     all_gens: list[PromptGenerations] = []
     all_scores: list[dict[str, np.ndarray]] = []
-    for start in range(0, len(prompts), chunk):
+    for start in starts:
         check_cancel(cancel)
         part = prompts[start : start + chunk]
-        gcfg = _with_seed(cfg, start)
+        gcfg = _with_seed(cfg, first + start)
         gens = generate_continuations(wb.lm, part, gcfg, cancel=cancel, stage=stage)
         scores = _score(wb, part, gens, cfg)
         all_gens.extend(gens)
         all_scores.extend(scores)
         if on_chunk is not None:
             on_chunk(start, gens, scores)
-        emit(Progress(stage, min(start + chunk, len(prompts)), len(prompts)))
+        done += len(part)
+        emit(Progress(stage, done, total))
     return all_gens, all_scores
 
 
 def _with_seed(cfg: ExperimentConfig, offset: int):
-    from dataclasses import replace
-
+    """The generation settings of one chunk: its seed derives from the run seed and ``offset``, the absolute index
+    of the chunk's first prompt (10,000,000 for the neutral prompts of the side effects)."""
     return replace(cfg.generation, seed=cfg.generation.seed * 1_000_003 + offset)
 
 
@@ -528,15 +539,23 @@ def _before_rows(
     offset: int = 0,
     resume: bool = False,
 ) -> list[BaselineRow]:
-    """Baseline rows for ``items`` (indices offset..): generated, scored, stored and emitted chunk by chunk."""
+    """Baseline rows for ``items`` (indices offset..): generated, scored, stored and emitted chunk by chunk.
+
+    Resumed, each chunk that holds a prompt without a stored row is generated again whole (the same batch and seed
+    as the run that stopped) and only the missing rows are stored, so the rows equal an uninterrupted run's.
+    """
     primary = wb.scorer.primary
     done = {r["idx"]: BaselineRow.from_dict(r) for r in wb.store.rows(run_id, table)} if resume else {}
-    todo = [(offset + i, it) for i, it in enumerate(items) if offset + i not in done]
+    chunk = max(1, cfg.generation.batch_size)
+    missing = [i for i in range(len(items)) if offset + i not in done]
+    starts = sorted({i - i % chunk for i in missing})
     rows: dict[int, BaselineRow] = dict(done)
 
     def on_chunk(start: int, gens, scores) -> None:
         for j, (g, s) in enumerate(zip(gens, scores)):
-            idx, item = todo[start + j]
+            idx, item = offset + start + j, items[start + j]
+            if idx in done:
+                continue
             row = baseline_row(idx, item, g, s, primary, cfg.scoring.threshold)
             wb.store.add_generations(
                 run_id,
@@ -552,9 +571,17 @@ def _before_rows(
             rows[idx] = row
             emit(RowReady(table, data))
 
-    if todo:
+    if starts:
         _generate_and_score(
-            wb, [it for _, it in todo], cfg, stage=stage, emit=emit, cancel=cancel, on_chunk=on_chunk
+            wb,
+            list(items),
+            cfg,
+            stage=stage,
+            emit=emit,
+            cancel=cancel,
+            on_chunk=on_chunk,
+            first=offset,
+            only=starts,
         )
     return [rows[offset + i] for i in range(len(items))]
 
@@ -574,6 +601,92 @@ def _create_run(
     return run_id
 
 
+# Settings that say where a run happens, not what it computes: left out of its identity (a run stopped on one
+# machine may be resumed on another). The prompts and held-out prompts count by content, not by file name.
+_NOT_IDENTITY = ("model.device", "stats_device", "prompts", "holdout", "run_hash", "prompts_hash")
+# How an identity entry is named in the refusal of a resume (the CLI's options; "--" + the key's last part else).
+_IDENTITY_NAMES = {
+    "prompts_hash": "--prompts",
+    "n_heldout": "--holdout",
+    "configs": "--configs",
+    "model.name": "--model",
+    "model.revision": "the model revision",
+    "protocol": "--per-prompt/--batch",
+    "eval_protocol": "--protocol",
+    "generation.greedy": "--greedy",
+    "scoring.batch_size": "the scorer's batch size",
+    "side_effects.max_tokens": "the side effects' token budget",
+}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and (value or not prefix):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def prompts_digest(items: Sequence[PromptItem]) -> str:
+    """A digest of a run's prompts: text, target, subject, category, known toxic continuation and metadata."""
+    import hashlib
+
+    from detox_tui.pipeline.results import jsonable
+
+    data = [[it.prompt, it.target, it.subject, it.category, it.toxic, it.meta or {}] for it in items]
+    text = json.dumps(jsonable(data), sort_keys=True, ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What defines a run's results, from its stored config: every setting (prompts by their digest), flat, minus
+    where it ran (device, statistics device). Two runs with the same identity compute the same rows."""
+    from detox_tui.pipeline.results import jsonable
+
+    flat = _flatten(json.loads(json.dumps(jsonable(config), allow_nan=False)))
+    out = {k: v for k, v in flat.items() if k not in _NOT_IDENTITY}
+    out["prompts_hash"] = config.get("prompts_hash")
+    return out
+
+
+def run_hash(identity: dict[str, Any]) -> str:
+    import hashlib
+
+    text = json.dumps(identity, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _identity_name(key: str) -> str:
+    if key in _IDENTITY_NAMES:
+        return _IDENTITY_NAMES[key]
+    if key.startswith("hparams."):
+        return f"--hparam {key[len('hparams.') :]}"
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _check_resume(wb: Workbench, run: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse, in one sentence, to resume ``run`` with settings that would compute other rows."""
+    stored = dict(run.get("config") or {})
+    if stored.get("run_hash") == config["run_hash"]:
+        return
+    if "prompts_hash" not in stored:  # a run stored before runs carried an identity: read its stored prompts
+        stored["prompts_hash"] = prompts_digest(wb.store.prompt_items(run["id"]))
+    old, new = run_identity(stored), run_identity(config)
+    # A run stored before a setting existed compares on the settings it has.
+    keys = sorted(set(new) | set(old)) if "run_hash" in stored else sorted(set(new) & set(old))
+    differ = [k for k in keys if old.get(k) != new.get(k)]
+    if not differ:
+        return
+    names = list(dict.fromkeys(_identity_name(k) for k in differ))
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    verb = "differs" if len(names) == 1 else "differ"
+    raise UserError(
+        f"Run {run['id']} cannot be resumed with these settings: {listed} {verb} from the run's; give the "
+        f"options it was made with (detox-tui runs show {run['id']} lists them) or start a new run."
+    )
+
+
 def _start_run(
     wb: Workbench,
     kind: str,
@@ -583,15 +696,21 @@ def _start_run(
     extra: dict | None = None,
     emit: EventCallback = null_callback,
 ) -> str:
+    """Create the run, or reopen ``resume``: refused (one sentence) when it is of another kind or its settings or
+    prompts differ (the stored run hash); its status goes back to running and its old error is cleared."""
+    config = cfg.to_dict()
+    if extra:
+        config.update(extra)
+    config["prompts_hash"] = prompts_digest(items)
+    config["run_hash"] = run_hash(run_identity(config))
     if resume:
         run = wb.store.get_run(resume)
         if run.get("kind") != kind:
             raise UserError(f"Run '{resume}' is a {run.get('kind')} run and cannot be resumed as {kind}.")
+        _check_resume(wb, run, config)
+        wb.store.set_status(run["id"], "running", clear_error=True)
         emit(Started(run["id"], kind, len(items)))
         return run["id"]
-    config = cfg.to_dict()
-    if extra:
-        config.update(extra)
     return _create_run(wb, kind, config, items, emit)
 
 
@@ -650,6 +769,7 @@ def run_baseline(
     wb.require_scorer()
     items = _check_items(prompts)
     wb = _for_run(wb, cfg)
+    check_generation(wb.lm, [it.prompt for it in items], cfg.generation)
     box: list[str] = []
 
     def body() -> RunResult:
@@ -794,8 +914,15 @@ def _evaluate_config(
                     zip(edit_idx, request_checks(wb.lm, delta, group_requests, logp_before, logp_after))
                 )
             eval_items = [items[i] for i in eval_idx]
+            # Seeded from the first evaluated prompt's index: per prompt, each prompt draws its own stream.
             gens, scores = _generate_and_score(
-                wb, eval_items, cfg, stage="generate after", emit=null_callback, cancel=cancel
+                wb,
+                eval_items,
+                cfg,
+                stage="generate after",
+                emit=null_callback,
+                cancel=cancel,
+                first=eval_idx[0],
             )
             fx = _measure_side_effects(
                 wb,
@@ -974,7 +1101,15 @@ def _store_shared_before(wb: Workbench, run_id: str, shared: SharedInputs) -> No
 
 
 def _stored_side_effects(wb: Workbench, run_id: str, key: str) -> list[SideEffects]:
-    return [SideEffects.from_dict(r) for r in wb.store.rows(run_id, "side_effects") if r.get("config") == key]
+    """The side effects stored for configuration ``key``, in group order (as an uninterrupted run has them)."""
+    rows = [SideEffects.from_dict(r) for r in wb.store.rows(run_id, "side_effects") if r.get("config") == key]
+    return sorted(rows, key=lambda fx: fx.group)
+
+
+def _stored_edit_rows(wb: Workbench, run_id: str, key: str) -> list[EditRow]:
+    """The edit rows stored for configuration ``key``, in prompt order (as an uninterrupted run has them)."""
+    rows = [EditRow.from_dict(r) for r in wb.store.rows(run_id, "edit") if r.get("config") == key]
+    return sorted(rows, key=lambda r: r.idx)
 
 
 def run_edit(
@@ -999,8 +1134,9 @@ def run_edit(
     wb.require_scorer()
     items = _check_items(prompts)
     held = list(holdout)
-    validate_edit(wb.lm, cfg, items, held)
+    checked = validate_edit(wb.lm, cfg, items, held)
     wb = _for_run(wb, cfg)
+    _check_inputs(wb, cfg, items + held, checked)
     box: list[str] = []
 
     def body() -> RunResult:
@@ -1059,6 +1195,15 @@ def run_edit(
     return _guard(wb, box, body)
 
 
+def _check_inputs(
+    wb: Workbench, cfg: ExperimentConfig, items: Sequence[PromptItem], checked: ValidatedEdit
+) -> None:
+    """What an edit reads besides the model, checked before its run is created: the generation settings and
+    their memory, the side effects' corpus and prompts, and the statistics corpus when the method needs one."""
+    check_generation(wb.lm, [it.prompt for it in items], cfg.generation)
+    check_corpora(cfg, needs_covariance=bool(checked.editor.needs_covariance))
+
+
 def _side_summary(side: Sequence[SideEffects]) -> dict[str, Any]:
     if not side:
         return {}
@@ -1115,6 +1260,7 @@ def run_ablation(
     items = _check_items(prompts)
     checked: ValidatedEdit = validate_edit(wb.lm, cfg, items, configs=configs, ablation=True)
     wb = _for_run(wb, cfg)
+    _check_inputs(wb, cfg, items, checked)
     configs = checked.configs
     box: list[str] = []
 
@@ -1138,6 +1284,7 @@ def run_ablation(
             key = ",".join(map(str, layers))
             if key in done_abl:
                 config_rows.append(AblationRow.from_dict(done_abl[key]))
+                all_rows.extend(_stored_edit_rows(wb, run_id, key))
                 continue
             emit(Progress("ablation", n, len(configs), key))
             res = _evaluate_config(

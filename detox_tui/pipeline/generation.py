@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,119 @@ def _check_config(cfg: GenerationConfig, ctx: int | None) -> None:
         raise UserError(
             f"max_new_tokens ({cfg.max_new_tokens}) must be below the model's context length ({ctx} tokens)."
         )
+
+
+# Bytes per sequence and vocabulary entry for one sampling step: the fp32 logits, the processed scores, top-p's
+# sorted values and int64 indices, their cumulative sum and the probabilities.
+_STEP_BYTES_PER_VOCAB = 28
+# Bytes the front ends keep per stored continuation beyond its characters (row dicts, scores, the string object).
+_RESULT_OVERHEAD = 200
+
+
+@dataclass(frozen=True)
+class GenerationMemory:
+    """An estimate of the memory generation needs: one batch of sequences on the model's device (the KV cache,
+    the prompt's activations and one sampling step's vocabulary-sized tensors) and the results kept on the host."""
+
+    sequences: int  # generated together in one batch: prompts per batch x samples
+    batch_bytes: int
+    result_bytes: int
+
+
+def generation_memory(lm: LoadedModel, prompts: Sequence[str], cfg: GenerationConfig) -> GenerationMemory:
+    """Estimate what generating ``cfg.samples`` continuations of ``prompts`` needs (no forward pass)."""
+    prompts = list(prompts)
+    ctx = context_length(lm)
+    room = None if ctx is None else max(1, ctx - cfg.max_new_tokens)
+    batch = max(1, int(cfg.batch_size))
+    per_prompt = max(int(cfg.samples), 1)
+    n_seq = min(batch, max(len(prompts), 1)) * per_prompt
+    prompt_len = max((len(_prompt_ids(lm, p, room)) for p in prompts), default=1)
+    length = prompt_len + int(cfg.max_new_tokens)
+    mc = lm.model.config
+    elem = torch.finfo(lm.dtype).bits // 8 if lm.dtype.is_floating_point else 4
+    heads = int(getattr(mc, "num_attention_heads", 0) or getattr(mc, "n_head", 0) or 1)
+    kv_heads = int(getattr(mc, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(mc, "head_dim", 0) or lm.d_model // heads)
+    vocab = int(getattr(mc, "vocab_size", 0) or len(lm.tokenizer))
+    d_mlp = int(getattr(mc, "intermediate_size", 0) or getattr(mc, "n_inner", 0) or 4 * lm.d_model)
+    per_seq = (
+        2 * lm.n_layers * kv_heads * head_dim * length * elem  # the KV cache, at its final length
+        + prompt_len * (d_mlp + 4 * lm.d_model) * elem  # one layer's activations over the prompt
+        + heads * length * length * 4  # one layer's attention weights
+        + vocab * _STEP_BYTES_PER_VOCAB  # one sampling step
+        + length * 8 * 2  # token ids and the attention mask
+    )
+    n_texts = len(prompts) * (int(cfg.samples) + (1 if cfg.greedy or cfg.samples == 0 else 0))
+    result = n_texts * (8 * int(cfg.max_new_tokens) + _RESULT_OVERHEAD)
+    return GenerationMemory(sequences=n_seq, batch_bytes=n_seq * per_seq, result_bytes=result)
+
+
+def available_memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(bytes free on ``device``, bytes available to this process on the host); None where it cannot be told.
+
+    The host figure is the smallest of MemAvailable (/proc/meminfo, else os.sysconf) and what the process's cgroup
+    still allows (memory.max - memory.current, cgroup v2)."""
+    from pathlib import Path
+
+    host: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                host.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if not host:
+        try:
+            host.append(int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")))
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            host.append(max(0, int(limit) - int((cgroup / "memory.current").read_text().strip())))
+    except (OSError, ValueError):
+        pass
+    free: int | None = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        try:
+            free = int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no answer: no limit imposed
+            free = None
+    elif device.type == "cpu":
+        free = min(host) if host else None
+    return free, (min(host) if host else None)
+
+
+def check_generation(lm: LoadedModel, prompts: Sequence[str], cfg: GenerationConfig) -> GenerationMemory:
+    """Refuse, in one sentence and before any run is created, generation settings that are invalid or whose
+    estimated memory (generation_memory) exceeds what is available on the device and the host."""
+    from detox_tui.backends.stats import format_bytes
+
+    _check_config(cfg, context_length(lm))
+    need = generation_memory(lm, prompts, cfg)
+    device_free, host_free = available_memory(lm.device)
+    on_host = need.result_bytes + (need.batch_bytes if lm.device.type == "cpu" else 0)
+    per_batch = max(1, min(int(cfg.batch_size), len(list(prompts)) or 1))
+    shape = (
+        f"{cfg.samples} samples for each of {per_batch} prompts at a time"
+        if cfg.samples > 0
+        else f"{per_batch} prompts at a time"
+    )
+    fix = "use fewer --samples, a smaller --batch-size or fewer --max-new-tokens"
+    if lm.device.type != "cpu" and device_free is not None and need.batch_bytes > device_free:
+        raise UserError(
+            f"Generating {shape} needs about {format_bytes(need.batch_bytes)} on {lm.device}, but only "
+            f"{format_bytes(device_free)} is free; {fix}."
+        )
+    if host_free is not None and on_host > host_free:
+        raise UserError(
+            f"Generating {shape} ({len(list(prompts))} prompts in all) needs about {format_bytes(on_host)} of "
+            f"memory, but only {format_bytes(host_free)} is available; {fix}."
+        )
+    return need
 
 
 def _generation_config(lm: LoadedModel, cfg: GenerationConfig, *, sample: bool, n_return: int):

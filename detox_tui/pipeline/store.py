@@ -357,8 +357,11 @@ class RunStore:
         status: str,
         summary: Mapping[str, Any] | None = None,
         error: str | None = None,
+        *,
+        clear_error: bool = False,
     ) -> None:
-        """Mark a run running/finished/failed/cancelled; a given summary or error replaces the stored one."""
+        """Mark a run running/finished/failed/cancelled; a given summary or error replaces the stored one
+        (``clear_error``: the stored error is removed, as when a failed or cancelled run is resumed)."""
         if status not in STATUSES:
             raise ValueError(f"unknown run status '{status}' (use one of {', '.join(STATUSES)})")
         sets, args = ["status = ?", "updated = ?"], [status, _now()]
@@ -368,6 +371,8 @@ class RunStore:
         if error is not None:
             sets.append("error = ?")
             args.append(error)
+        elif clear_error:
+            sets.append("error = NULL")
         with self._write() as conn:
             cur = conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, run_id))
             if cur.rowcount == 0:

@@ -222,3 +222,25 @@ def validate_edit(
         ]
     hparams = [resolve_hparams(lm, method, cfg.hparams, layers) for layers in layer_sets]
     return ValidatedEdit(method=method, editor=editor, layer_sets=layer_sets, hparams=hparams)
+
+
+def check_corpora(cfg: ExperimentConfig, *, needs_covariance: bool) -> None:
+    """The corpora an edit reads, checked before its run is created: the side effects' neutral corpus and prompts,
+    and the statistics corpus when the method needs covariance statistics. A local file (or the builtin one) is
+    read in full, so a missing, empty or undecodable file is refused now rather than after the before phase; an
+    hf: source is checked for its form and the optional ``datasets`` package (its data is streamed later).
+    """
+    from detox_tui.prompts import load_corpus, load_neutral_prompts
+    from detox_tui.prompts.loaders import parse_hf_source, require_datasets
+
+    def corpus(source: str) -> None:
+        if str(source).startswith("hf:"):
+            parse_hf_source(str(source))
+            require_datasets("corpora")
+        else:
+            load_corpus(source)
+
+    corpus(cfg.side_effects.neutral_corpus)
+    load_neutral_prompts(cfg.side_effects.neutral_prompts)
+    if needs_covariance:
+        corpus(cfg.stats_corpus)
