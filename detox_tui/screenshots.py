@@ -46,12 +46,41 @@ async def _type(pilot, field, value: str) -> None:
     await pilot.press("end", *["backspace"] * len(field.value), *list(value))
 
 
+def _sweep(model_dir: Path, prompts: Path, home: Path) -> None:
+    """A real 4-experiment sweep (MEMIT x two layer sets x two clamp factors) into the store, for the Sweeps tab."""
+    from detox_tui.pipeline.store import RunStore
+    from detox_tui.pipeline.sweep import LocalBackend, expand_grid, run_sweep
+
+    grid = expand_grid(
+        {
+            "models": [str(model_dir)],
+            "prompts": str(prompts),
+            "scorer": "profanity",
+            "device": "cpu",
+            "dtype": "float32",
+            "methods": ["memit"],
+            "layers": ["1,2", "2"],
+            "generation": {"samples": 5, "max_new_tokens": 8},
+            "hparams": {
+                "memit": {
+                    "mom2_update_weight": 100.0,
+                    "v_num_grad_steps": 25,
+                    "clamp_norm_factor": [4.0, 1.0],
+                }
+            },
+        }
+    )
+    run_sweep(RunStore.open(str(home)), grid, LocalBackend(str(home)), data_dir=str(home))
+
+
 async def take(model_dir: Path, out: Path, size: tuple[int, int], home: Path) -> list[Path]:
-    """Drive the app through prompts -> layers -> baseline -> edit -> ablation -> trace -> runs -> export."""
+    """Drive the app through prompts -> layers -> baseline -> edit -> ablation -> trace -> runs -> export, then the
+    Sweeps tab on a sweep run beforehand (as a headless `detox-tui sweep` would)."""
     from detox_tui.app import DetoxApp
 
     os.environ["DETOX_TUI_HOME"] = str(home)
     prompts = _prompt_file(home)
+    _sweep(model_dir, prompts, home)
     app = DetoxApp(
         model=str(model_dir), prompts=str(prompts), scorer="profanity", device="cpu", dtype="float32"
     )
@@ -121,6 +150,10 @@ async def take(model_dir: Path, out: Path, size: tuple[int, int], home: Path) ->
         await pilot.pause()
         await shot("export-dialog", pilot)
         await pilot.press("escape")
+
+        await pilot.press("7")
+        await pilot.pause(app.STORE_POLL + 0.5)
+        await shot("sweeps", pilot)
     return written
 
 
