@@ -212,6 +212,32 @@ def test_a_failed_experiment_is_recorded_and_the_sweep_goes_on(grid_file, tmp_pa
     assert summary["n_failed"] == 1 and store.get_run(run_id)["status"] == "finished"
 
 
+def test_a_model_that_does_not_load_fails_its_experiments_and_the_sweep_goes_on(grid_file, tmp_path):
+    from detox_tui.pipeline.sweep import read_grid_file
+
+    data = read_grid_file(grid_file)
+    data["models"] = [data["models"][0], str(tmp_path / "no-such-model")]
+    data["layers"] = ["1,2"]
+    data["hparams"]["memit"]["clamp_norm_factor"] = 4.0
+    store = _store(tmp_path)
+    run_id, summary = run_sweep(store, expand_grid(data), LocalBackend(str(store.path.parent)))
+    rows = store.rows(run_id, "sweep")
+    assert [r["state"] for r in rows] == ["finished", "failed"]
+    assert "no-such-model" in rows[1]["error"] and rows[1]["run_id"] is None
+    assert summary["n_finished"] == 1 and summary["n_failed"] == 1
+
+
+def test_a_bad_prompt_file_is_refused_before_a_sweep_is_stored(grid_file, tmp_path):
+    from detox_tui.pipeline.sweep import read_grid_file
+
+    data = read_grid_file(grid_file)
+    data["prompts"] = str(tmp_path / "missing.jsonl")
+    store = _store(tmp_path)
+    with pytest.raises(UserError, match="missing.jsonl"):
+        run_sweep(store, expand_grid(data), LocalBackend(str(store.path.parent)))
+    assert store.list_runs() == []
+
+
 def test_interrupted_driver_keeps_what_finished_and_resume_runs_only_the_rest(
     local_sweep, grid_file, tmp_path
 ):

@@ -683,10 +683,13 @@ def run_sweep(
         run = store.get_run(resume)
         if run["kind"] != "sweep":
             raise UserError(f"Run '{resume}' is a {run['kind']} run, not a sweep.")
+        grid = grid_of_run(run)
+    # The prompts are read (and a bad prompt file refused) before the sweep is stored or resumed.
+    items, holdout = load_items(grid.settings, data_dir)
+    if resume:
         run_id = run["id"]
         rows = {r["id"]: r for r in store.rows(run_id, "sweep")}
-        grid = grid_of_run(run)
-        store.set_status(run_id, "running")
+        store.set_status(run_id, "running", clear_error=True)
     else:
         run_id = create_sweep(store, grid, backend.name)
         rows = {e.id: pending_row(e) for e in grid.experiments}
@@ -714,7 +717,6 @@ def run_sweep(
         rec.update(exp.id, state="running", worker=worker, attempts=attempt, started=_now(), error=None)
 
     try:
-        items, holdout = load_items(grid.settings, data_dir)
         backend.start(len(todo))
         for model in dict.fromkeys(e.model for e in todo):
             exps = [e for e in todo if e.model == model]
@@ -726,9 +728,12 @@ def run_sweep(
                     )
                 )
                 prepared = backend.prepare(base, exps, model_path, items, holdout)
-            except UserError as exc:
+            except (Cancelled, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the model did not load or prepare: its experiments fail
+                error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
                 for exp in exps:
-                    rec.update(exp.id, state="failed", error=str(exc))
+                    rec.update(exp.id, state="failed", error=error)
                 continue
             for exp_id, error in prepared.errors.items():
                 rec.update(exp_id, state="failed", error=error)
