@@ -1363,7 +1363,7 @@ def sweep(
     grid: Annotated[
         Path | None,
         typer.Argument(
-            help="Grid file (TOML, or YAML with PyYAML): models, methods, layers, hparams, prompts...."
+            help="Grid file (TOML, or YAML with PyYAML): models, methods, layers, hparams, prompts."
         ),
     ] = None,
     backend: Annotated[
