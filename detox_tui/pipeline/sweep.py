@@ -553,21 +553,24 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """In this process, in order: one SweepWorker."""
+    """In this process, in order: one SweepWorker (created when the sweep starts, removed when it stops)."""
 
     name = "local"
 
     def __init__(self, data_dir: str | None = None, verify: bool = False):
         self.cancel = threading.Event()
-        self.worker = SweepWorker("local", data_dir, verify=verify)
+        self.data_dir, self.verify = data_dir, verify
+        self.worker: SweepWorker | None = None
 
     def start(self, n_experiments: int) -> None:
-        pass
+        self.worker = SweepWorker("local", self.data_dir, verify=self.verify)
 
     def prepare(self, base, experiments, model_path, items, holdout) -> Prepared:
+        assert self.worker is not None, "start() first"
         return self.worker.prepare(base, experiments, model_path, items, holdout, cancel=self.cancel)
 
     def run(self, base, experiments, model_path, items, holdout, prepared, on_start):
+        assert self.worker is not None, "start() first"
         for exp in experiments:
             check_cancel(self.cancel)
             on_start(exp, self.worker.name, 1)
@@ -575,7 +578,9 @@ class LocalBackend:
 
     def stop(self) -> None:
         self.cancel.set()
-        self.worker.close()
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
 
 
 def _now() -> str:
