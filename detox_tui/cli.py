@@ -1431,7 +1431,7 @@ def sweep(
             cpus_per_worker=cpus_per_worker,
             data_dir=dd,
             verify=verify_weights,
-            log_message=lambda m: err.print(m, markup=False, highlight=False) if not as_json else None,
+            log_message=lambda m: err.print(plain(m)) if not as_json else None,
         )
     else:
         engine = LocalBackend(dd, verify=verify_weights)
@@ -1450,7 +1450,7 @@ def sweep(
     rows = store.rows(run_id, "sweep")
     if out is not None:
         for written in store.export_files(run_id, out):
-            err.print(f"wrote {written}", markup=False, highlight=False)
+            err.print(plain(f"wrote {written}"))
     if as_json:
         _print_json({"run_id": run_id, "experiments": rows, "summary": summary})
         return
