@@ -266,20 +266,47 @@ class RunStore:
 
     def create_run(self, kind: str, config: Mapping[str, Any], model: str, note: str = "") -> str:
         """Record a new run (status "running") and return its id, e.g. "20261122-213501-3f2a"."""
-        config_json = _dumps(dict(config))
+        return self._insert_run(kind, model, "running", note, _dumps(dict(config)))
+
+    def _insert_run(
+        self,
+        kind: str,
+        model: str,
+        status: str,
+        note: str,
+        config_json: str,
+        summary: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        contents: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Insert a run under a new unique id (retried on a clash) with, in the same transaction, ``contents``
+        (a ``dump_run``'s prompts, rows and generations); its id."""
         for _ in range(20):
             run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
             now = _now()
-            try:
-                with self._write() as conn:
+            with self._write() as conn:
+                try:
                     conn.execute(
-                        "INSERT INTO runs (id, kind, model, status, created, updated, note, config) "
-                        "VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-                        (run_id, kind, model, now, now, note, config_json),
+                        "INSERT INTO runs (id, kind, model, status, created, updated, note, config, summary, error) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            run_id,
+                            kind,
+                            model,
+                            status,
+                            now,
+                            now,
+                            note,
+                            config_json,
+                            None if summary is None else _dumps(summary),
+                            error,
+                        ),
                     )
-                return run_id
-            except sqlite3.IntegrityError:
-                continue
+                except sqlite3.IntegrityError:  # the id is taken (same second and hex digits): draw again
+                    continue
+                if contents is not None:
+                    self._insert_contents(conn, run_id, contents)
+            return run_id
         raise RuntimeError("could not allocate a unique run id")
 
     def add_prompts(self, run_id: str, items: Sequence[PromptItem]) -> None:
@@ -582,33 +609,16 @@ class RunStore:
 
     def import_run(self, dump: Mapping[str, Any], *, config_extra: Mapping[str, Any] | None = None) -> str:
         """Store a ``dump_run`` result as a new run (one transaction: all of it or nothing) and return its id."""
-        config_json = _dumps({**dict(dump["config"] or {}), **dict(config_extra or {})})
-        summary = dump.get("summary")
-        for _ in range(20):
-            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-            with self._write() as conn:
-                if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
-                    continue
-                now = _now()
-                conn.execute(
-                    "INSERT INTO runs (id, kind, model, status, created, updated, note, config, summary, error) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        run_id,
-                        dump["kind"],
-                        dump["model"],
-                        dump["status"],
-                        now,
-                        now,
-                        dump.get("note") or "",
-                        config_json,
-                        None if summary is None else _dumps(summary),
-                        dump.get("error"),
-                    ),
-                )
-                self._insert_contents(conn, run_id, dump)
-                return run_id
-        raise RuntimeError("could not allocate a unique run id")
+        return self._insert_run(
+            dump["kind"],
+            dump["model"],
+            dump["status"],
+            dump.get("note") or "",
+            _dumps({**dict(dump["config"] or {}), **dict(config_extra or {})}),
+            summary=dump.get("summary"),
+            error=dump.get("error"),
+            contents=dump,
+        )
 
     @staticmethod
     def _insert_contents(conn: sqlite3.Connection, run_id: str, dump: Mapping[str, Any]) -> None:
