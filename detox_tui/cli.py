@@ -1396,8 +1396,7 @@ def sweep(
     """Run a grid of edit experiments (models x methods x layers x hyperparameters), each from the original weights."""
     from detox_tui.console_sweep import SweepProgress, experiments_table, sweep_summary_line, sweep_table
     from detox_tui.pipeline.store import RunStore
-    from detox_tui.pipeline.sweep import LocalBackend, grid_of_run, load_grid, run_sweep
-    from detox_tui.pipeline.sweep import experiments_table as expanded
+    from detox_tui.pipeline.sweep import LocalBackend, experiment_rows, load_grid, run_sweep, stored_sweep
 
     if backend not in ("local", "ray"):
         raise UserError(f"Unknown --backend '{backend}'; use local or ray.")
@@ -1407,15 +1406,9 @@ def sweep(
         raise UserError("Give a grid file, or --resume RUN_ID to finish a stored sweep (not both).")
     _check_out(out)
     store = RunStore.open(str(data_dir) if data_dir else None)
-    if resume:
-        run = store.get_run(resume)
-        if run["kind"] != "sweep":
-            raise UserError(f"Run '{resume}' is a {run['kind']} run, not a sweep.")
-        plan = grid_of_run(run)
-    else:
-        plan = load_grid(grid)
+    plan = stored_sweep(store, resume)[1] if resume else load_grid(grid)
     if not as_json:
-        err.print(experiments_table(expanded(plan)))
+        err.print(experiments_table(experiment_rows(plan)))
     if dry_run:
         if as_json:
             _print_json({"experiments": [e.to_dict() for e in plan.experiments]})

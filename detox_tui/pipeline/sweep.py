@@ -507,17 +507,18 @@ class SweepWorker:
             if self.verify and weights_fingerprint(wb.lm.model) != self._fingerprint:
                 raise RuntimeError("Weights differ from the original after an experiment; this is a bug.")
             dump = self.scratch.dump_run(result.run_id)
-            self.scratch.delete_run(result.run_id)
             return Outcome(exp.id, self.name, time.perf_counter() - t0, run=dump)
         except (Cancelled, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is this experiment's, recorded with its error
             log.debug("experiment %s failed", exp.id, exc_info=True)
-            for r in self.scratch.list_runs(limit=5):
-                if r["status"] != "running":
-                    self.scratch.delete_run(r["id"])
             message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             return Outcome(exp.id, self.name, time.perf_counter() - t0, error=message)
+        finally:
+            # The scratch store holds this experiment's run only (finished, failed or cancelled): handed back or
+            # not, it goes.
+            for r in self.scratch.list_runs(limit=1000):
+                self.scratch.delete_run(r["id"])
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -618,13 +619,12 @@ class SweepRecorder:
 
     def __init__(self, store: RunStore, run_id: str, rows: dict[str, dict[str, Any]], emit: SweepCallback):
         self.store, self.run_id, self.rows, self.emit = store, run_id, rows, emit
-        self.lock = threading.Lock()
 
     def update(self, exp_id: str, **changes: Any) -> dict[str, Any]:
-        with self.lock:
-            row = {**self.rows[exp_id], **changes}
-            self.rows[exp_id] = row
-            self.store.add_row(self.run_id, "sweep", exp_id, row)
+        """Change an experiment's row and store it (the driver's thread only: backends yield to it)."""
+        row = {**self.rows[exp_id], **changes}
+        self.rows[exp_id] = row
+        self.store.add_row(self.run_id, "sweep", exp_id, row)
         done = sum(r["state"] in ("finished", "failed") for r in self.rows.values())
         self.emit(SweepEvent("state", row=row, total=len(self.rows), done=done))
         return row
@@ -657,6 +657,14 @@ def create_sweep(store: RunStore, grid: Grid, backend: str) -> str:
     return run_id
 
 
+def stored_sweep(store: RunStore, run_id: str) -> tuple[dict[str, Any], Grid]:
+    """A stored sweep (id or unique prefix) and the grid it was created from; a run of another kind is refused."""
+    run = store.get_run(run_id)
+    if run["kind"] != "sweep":
+        raise UserError(f"Run '{run_id}' is a {run['kind']} run, not a sweep.")
+    return run, grid_of_run(run)
+
+
 def grid_of_run(run: Mapping[str, Any]) -> Grid:
     """The grid a stored sweep was created from (for --resume)."""
     config = run.get("config") or {}
@@ -685,10 +693,7 @@ def run_sweep(
     marks the sweep and its running experiments cancelled (finished ones are kept) and re-raises.
     """
     if resume:
-        run = store.get_run(resume)
-        if run["kind"] != "sweep":
-            raise UserError(f"Run '{resume}' is a {run['kind']} run, not a sweep.")
-        grid = grid_of_run(run)
+        run, grid = stored_sweep(store, resume)
     # The prompts are read (and a bad prompt file refused) before the sweep is stored or resumed.
     items, holdout = load_items(grid.settings, data_dir)
     if resume:
@@ -797,7 +802,7 @@ def comparable(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in drop}
 
 
-def experiments_table(grid: Grid) -> list[dict[str, Any]]:
+def experiment_rows(grid: Grid) -> list[dict[str, Any]]:
     """The expanded list as rows to show before anything runs."""
     return [
         {
@@ -822,7 +827,8 @@ __all__ = [
     "comparable",
     "create_sweep",
     "expand_grid",
-    "experiments_table",
+    "stored_sweep",
+    "experiment_rows",
     "load_grid",
     "run_sweep",
 ]

@@ -74,9 +74,8 @@ class RayBackend:
         self.cancel = threading.Event()
         self.actors: dict[str, Any] = {}
         self._owns_ray = False
-        self._options: dict[str, Any] = {}
+        self._actor_class: Any = None  # _RayWorker as a Ray actor class with this sweep's resources
         self._count = 0
-        self.use_gpus = False
 
     # ------------------------------------------------------------------------------------ actors
 
@@ -100,31 +99,21 @@ class RayBackend:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         cpus = int(resources.get("CPU", 1))
-        self.use_gpus = gpus > 0
-        if self.use_gpus:
-            capacity = gpus
-            self._options = {"num_gpus": 1, "num_cpus": self.cpus_per_worker}
-        else:
-            capacity = max(1, cpus // self.cpus_per_worker)
-            self._options = {"num_gpus": 0, "num_cpus": self.cpus_per_worker}
+        # One actor per GPU; without GPUs one per cpus_per_worker CPUs.
+        capacity = gpus if gpus else max(1, cpus // self.cpus_per_worker)
+        self._actor_class = ray.remote(num_gpus=1 if gpus else 0, num_cpus=self.cpus_per_worker)(_RayWorker)
         n = max(1, min(capacity, self.max_workers or capacity, max(1, n_experiments)))
         self.log_message(
             f"ray: {n} worker{'s' if n != 1 else ''} "
-            + (
-                f"(1 GPU each, of {gpus})"
-                if self.use_gpus
-                else f"({self.cpus_per_worker} CPU each, of {cpus})"
-            )
+            + (f"(1 GPU each, of {gpus})" if gpus else f"({self.cpus_per_worker} CPU each, of {cpus})")
         )
         for _ in range(n):
             self._new_actor()
 
     def _new_actor(self) -> str:
-        ray = _ray()
         name = f"ray:{self._count}"
         self._count += 1
-        cls = ray.remote(**self._options)(_RayWorker)
-        self.actors[name] = cls.remote(name, self.data_dir, self.cpus_per_worker, self.verify)
+        self.actors[name] = self._actor_class.remote(name, self.data_dir, self.cpus_per_worker, self.verify)
         return name
 
     def _replace(self, name: str) -> str:
