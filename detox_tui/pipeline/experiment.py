@@ -1025,13 +1025,23 @@ def _prepare_edit(
     emit,
     cancel,
     resume: bool,
+    shared: SharedInputs | None = None,
 ):
     all_items = items + holdout
     before = _before_rows(wb, run_id, all_items, cfg, table="before", emit=emit, cancel=cancel, resume=resume)
+    if shared is not None:  # a sweep's: measured once for the model
+        return all_items, before, shared.side_effects, shared.neutral_toxicity
+    fx_inputs, neutral_tox = _side_effect_reference(wb, cfg, emit, cancel)
+    return all_items, before, fx_inputs, neutral_tox
+
+
+def _side_effect_reference(
+    wb: Workbench, cfg: ExperimentConfig, emit, cancel
+) -> tuple[_SideEffectInputs, float]:
+    """The side effects' inputs and measures on the original weights, and the neutral prompts' toxicity there."""
     emit(Log("measuring side-effect reference on the original weights"))
     fx_inputs = _side_effect_inputs(wb, cfg, emit)
-    neutral_tox = _neutral_toxicity(wb, fx_inputs.neutral_prompts, cfg, cancel)
-    return all_items, before, fx_inputs, neutral_tox
+    return fx_inputs, _neutral_toxicity(wb, fx_inputs.neutral_prompts, cfg, cancel)
 
 
 @dataclass(frozen=True)
@@ -1041,11 +1051,16 @@ class SharedInputs:
     ``before_rows`` / ``before_generations``: the before phase over the experiment's prompts (+ holdout) with its
     generation and scoring settings, as stored (``RunStore.rows`` of table "before", ``RunStore.generations``);
     the before phase depends on nothing an experiment varies (method, layers, hyperparameters), so every experiment
-    of the model is compared against the same samples. ``covariance``: per layer, as ``stats.covariance`` returns it.
+    of the model is compared against the same samples. ``side_effects`` / ``neutral_toxicity``: the side effects'
+    reference on the original weights (corpus perplexity and log-probabilities, the neutral prompts' toxicity),
+    which depend only on the model and the shared settings too. ``covariance``: per layer, as ``stats.covariance``
+    returns it.
     """
 
     before_rows: list[dict[str, Any]]
     before_generations: list[dict[str, Any]]
+    side_effects: _SideEffectInputs
+    neutral_toxicity: float
     covariance: dict[int, Any] | None = None
 
 
@@ -1059,8 +1074,8 @@ def prepare_shared(
     emit: EventCallback = null_callback,
     cancel: threading.Event | None = None,
 ) -> SharedInputs:
-    """The before phase of ``items`` + ``holdout`` under ``cfg`` and the covariance of ``covariance_layers``,
-    computed once (the before phase in a temporary run of ``wb.store``, deleted afterwards)."""
+    """The before phase of ``items`` + ``holdout`` under ``cfg``, the side effects' reference and the covariance of
+    ``covariance_layers``, computed once (the before phase in a temporary run of ``wb.store``, deleted afterwards)."""
     wb.require_scorer()
     all_items = _check_items(items) + list(holdout)
     wb = _for_run(wb, cfg)
@@ -1072,12 +1087,13 @@ def prepare_shared(
         gens = [g for g in wb.store.generations(run_id) if g["phase"] == "before"]
     finally:
         wb.store.delete_run(run_id)
+    fx_inputs, neutral_tox = _side_effect_reference(wb, cfg, emit, cancel)
     stats = None
     if covariance_layers:
         stats = _UnionCovariance(wb, cfg, covariance_layers, emit, cancel)(
             wb.lm, sorted(set(covariance_layers))
         )
-    return SharedInputs(rows, gens, stats)
+    return SharedInputs(rows, gens, fx_inputs, neutral_tox, stats)
 
 
 def _store_shared_before(wb: Workbench, run_id: str, shared: SharedInputs) -> None:
@@ -1152,7 +1168,7 @@ def run_edit(
         if shared is not None and not resume:
             _store_shared_before(wb, run_id, shared)
         all_items, before, fx_inputs, neutral_tox = _prepare_edit(
-            wb, run_id, items, held, cfg, emit, cancel, bool(resume) or shared is not None
+            wb, run_id, items, held, cfg, emit, cancel, bool(resume) or shared is not None, shared
         )
         done = wb.store.row_keys(run_id, "edit") if resume else set()
         covariance = None

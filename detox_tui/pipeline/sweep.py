@@ -11,8 +11,9 @@ ablation.
 
 Workers (``SweepWorker``) load a model once and run experiments from its original weights (every edit is applied
 inside ``EditDelta.applied_to``, which restores the weights bit-exactly), writing only to a private scratch store
-whose runs they hand back as plain data. The before phase and covariance statistics depend on the model, prompts
-and settings alone, so they are computed once per model (``prepare``) before the experiments fan out, and shared.
+whose runs they hand back as plain data. The before phase, the side effects' reference and the covariance statistics
+depend on the model, prompts and settings alone, so they are computed once per model (``prepare``) before the
+experiments fan out, and shared.
 """
 
 from __future__ import annotations
@@ -456,8 +457,8 @@ class SweepWorker:
         holdout: Sequence[PromptItem],
         cancel: threading.Event | None = None,
     ) -> Prepared:
-        """Validate one model's experiments; compute the before phase and the covariance for the union of the layers
-        its covariance-based experiments edit, once."""
+        """Validate one model's experiments; compute, once, the before phase, the side effects' reference and the
+        covariance for the union of the layers its covariance-based experiments edit."""
         from detox_tui.pipeline.experiment import prepare_shared
         from detox_tui.pipeline.validation import validate_edit
 
